@@ -1,0 +1,393 @@
+"""The ``nrrdd`` console command (issue 3 section 6).
+
+::
+
+    nrrdd methods [--json]
+    nrrdd teacher train --dataset shapes --out teacher.pt [--arch ... --epochs ...]
+    nrrdd distill --method nrrdd --dataset shapes --classes circle,star --ipc 10 \\
+        --teacher shipped --out runs --name demo [--tau 0.5 ...]
+    nrrdd evaluate runs/demo --student resnet18_small --label-mode dbr --epochs 300
+    nrrdd experts ...            (when nrrdd_core.experts is installed)
+
+Every field of a config dataclass (the chosen method's ``Config``, ``TeacherTrainConfig``,
+``EvalConfig``, ``ExpertConfig``) is a flag generated from its metadata: ``--field-name VALUE``
+(``--flag`` / ``--no-flag`` for booleans); ``nrrdd distill --method M --help`` lists M's flags.
+A user error (:class:`~nrrdd_core.errors.NrrddError`: bad value, unknown class, missing file) prints
+one ``error: ...`` line on stderr and exits with code 2, like argparse's own errors.
+This module is the console front end, so it writes results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from . import __version__
+from .configs import ConfigBase, describe_range
+from .errors import ConfigError, NrrddError
+
+log = logging.getLogger(__name__)
+
+
+# ---- generated flags ----------------------------------------------------------------------------
+def _field_help(row: dict) -> str:
+    parts = [row["doc"] or ""]
+    extra = [f"default {row['default']}"]
+    if row["unit"]:
+        extra.append(f"unit {row['unit']}")
+    if row["choices"]:
+        extra.append("one of " + ", ".join(str(c) for c in row["choices"]))
+    elif row["lo"] is not None or row["hi"] is not None:
+        extra.append("range " + describe_range(row))
+    if row["source"]:
+        extra.append(f"source {row['source']}")
+    parts.append(f"[{'; '.join(extra)}]")
+    return " ".join(parts).replace("%", "%%")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[ConfigBase]) -> None:
+    """Add one flag per field of ``cls`` (``--field-name``; booleans ``--x`` / ``--no-x``), default
+    None (= keep the dataclass default). A field whose flag already exists (e.g. ``--seed``) is set
+    by that option."""
+    group = parser.add_argument_group(f"{cls.__name__} (generated from the dataclass)")
+    for row in cls.describe():
+        flag = "--" + row["name"].replace("_", "-")
+        if flag in parser._option_string_actions:
+            continue
+        if row["type"] == "bool":
+            group.add_argument(flag, dest=row["name"], action=argparse.BooleanOptionalAction,
+                               default=None, help=_field_help(row))
+        else:
+            group.add_argument(flag, dest=row["name"], default=None, metavar=row["type"].upper(),
+                               help=_field_help(row))
+
+
+def config_from_args(cls: type[ConfigBase], args: argparse.Namespace) -> ConfigBase:
+    """Build ``cls`` from the flags given on the command line (the others keep their defaults).
+
+    Raises:
+        ConfigError: a value that cannot be read or is out of range (names the field).
+    """
+    given = {row["name"]: getattr(args, row["name"]) for row in cls.describe()
+             if getattr(args, row["name"], None) is not None}
+    return cls.from_dict(given)
+
+
+# ---- datasets and teachers ----------------------------------------------------------------------
+def _add_dataset_args(p: argparse.ArgumentParser, default: str | None = "shapes") -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", default=default,
+                   help="dataset entry (shapes, npz, cifar10, cifar100, imagefolder, ...)"
+                        + (f" [default {default}]" if default else " [default: the run's dataset]"))
+    g.add_argument("--data-root", help="dataset folder (npz, cifar10, imagefolder ...)")
+    g.add_argument("--train-file", help="npz: training file name inside --data-root")
+    g.add_argument("--test-file", help="npz: test file name inside --data-root")
+    g.add_argument("--image-size", type=int, help="image side in pixels, for entries that take it")
+    g.add_argument("--classes", help="comma-separated class names or indices (default: all)")
+    g.add_argument("--dataset-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword of the dataset entry, e.g. train_per_class=20 (repeatable)")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def dataset_kwargs(args: argparse.Namespace) -> dict:
+    """``load_dataset`` keyword arguments from the dataset flags (only those given).
+
+    Raises:
+        ConfigError: a ``--dataset-opt`` without ``=``.
+    """
+    kw = {k: v for k, v in (("root", args.data_root), ("train_file", args.train_file),
+                            ("test_file", args.test_file), ("image_size", args.image_size))
+          if v is not None}
+    for opt in args.dataset_opt:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--dataset-opt {opt!r}: expected KEY=VALUE")
+        kw[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return kw
+
+
+def _classes(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def load_bundle(name: str, kwargs: dict, classes: list | None = None):
+    """``load_dataset(name, classes, **kwargs)``, turning an option the entry does not take into a
+    :class:`ConfigError`."""
+    from .data import load_dataset
+
+    try:
+        return load_dataset(name, classes=classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"dataset {name!r} does not take option(s) {sorted(kwargs)}: {exc}") from exc
+
+
+def load_teacher(ref: str, device):
+    """``"shipped"`` -> the built-in teacher, else ``Teacher.load(ref)``.
+
+    Raises:
+        CheckpointError: missing or unreadable checkpoint.
+    """
+    from .device import resolve_device
+    from .models import Teacher, shipped_teacher
+
+    device = resolve_device(device)
+    return shipped_teacher(device) if ref == "shipped" else Teacher.load(ref, device=device)
+
+
+def match_teacher(bundle, teacher):
+    """The dataset restricted to the teacher's classes when the teacher was trained on a subset
+    of them (same names, dataset order); else ``bundle`` unchanged."""
+    names = teacher.data_config.class_names
+    if names != bundle.config.class_names and set(names) <= set(bundle.config.class_names):
+        return bundle.subset(list(names))
+    return bundle
+
+
+class _Bar:
+    """tqdm bar usable as a ``progress(done, total, metrics)`` callback (disabled off a terminal)."""
+
+    def __init__(self, desc: str, total: int | None = None) -> None:
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int | None = None, metrics: dict | None = None) -> None:
+        if total is not None:
+            self.bar.total = total
+        self.bar.n = done
+        if metrics:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
+                                  if isinstance(v, (int, float))}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import get_method, list_methods
+
+    table = {m: get_method(m).Config.describe() for m in list_methods()}
+    if args.json:
+        print(json.dumps(table, indent=2, default=str))
+        return 0
+    for m, rows in table.items():
+        doc = (get_method(m).__doc__ or "").strip().splitlines()
+        print(f"{m}: {doc[0] if doc else ''}")
+        for r in rows:
+            rng = ("one of " + ", ".join(map(str, r["choices"]))) if r["choices"] else describe_range(r)
+            unit = f" {r['unit']}" if r["unit"] not in (None, "1") else ""
+            print(f"  {r['name']} = {r['default']}{unit}  {rng}  {r['doc']}")
+        print()
+    return 0
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> int:
+    from .models import TeacherTrainConfig, train_teacher
+
+    cfg = config_from_args(TeacherTrainConfig, args)
+    bundle = load_bundle(args.dataset, dataset_kwargs(args), _classes(args.classes))
+    bar = _Bar("teacher", cfg.epochs)
+    try:
+        teacher = train_teacher(cfg, bundle, device=args.device, progress=bar)
+    finally:
+        bar.close()
+    path = teacher.save(args.out, extra={"train_config": cfg.to_dict(), "dataset": args.dataset,
+                                         "dataset_args": dataset_kwargs(args)})
+    acc = "n/a" if teacher.test_acc is None else f"{teacher.test_acc:.4f}"
+    print(f"teacher {cfg.arch} test_acc {acc} saved to {path}")
+    return 0
+
+
+def _peek_method(argv: Sequence[str]) -> str | None:
+    if not argv or argv[0] != "distill":
+        return None
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--method")
+    return p.parse_known_args(list(argv[1:]))[0].method
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .export import build_manifest, check_name, default_runs_root, save_run
+    from .methods import get_method, make_distiller, run_distiller
+
+    if args.ipc < 1:
+        raise ConfigError(f"--ipc must be >= 1, got {args.ipc}")
+    cfg = config_from_args(get_method(args.method).Config, args)
+    kw = dataset_kwargs(args)
+    name = check_name(args.name or f"{args.method}_{args.dataset}_ipc{args.ipc}_s{args.seed}")
+    root = Path(args.out) if args.out else default_runs_root()
+    if (root / name).exists() and not args.overwrite:
+        raise ConfigError(f"run {root / name} already exists: pick another --name or pass --overwrite")
+    teacher = load_teacher(args.teacher, args.device)
+    bundle = match_teacher(load_bundle(args.dataset, kw), teacher)
+    classes = bundle.resolve_classes(_classes(args.classes))
+    t0 = time.perf_counter()
+    d = make_distiller(args.method, cfg, teacher=teacher, dataset=bundle, classes=classes,
+                       ipc=args.ipc, device=args.device, seed=args.seed)
+    bar = _Bar(args.method)
+    try:
+        run_distiller(d, callback=lambda rec: bar(rec.step + 1, rec.total, rec.losses))
+        images, labels = d.images()
+    finally:
+        bar.close()
+        d.close()
+    seconds = time.perf_counter() - t0
+    steps = [r.seconds for r in d.history]
+    ref = args.teacher if args.teacher == "shipped" else str(Path(args.teacher).resolve())
+    manifest = build_manifest(
+        method=args.method, config=cfg.to_dict(), teacher=teacher, bundle=bundle, classes=classes,
+        ipc=args.ipc, seed=args.seed, teacher_ref=ref, dataset_args=kw, device=str(d.device),
+        timings={"seconds": seconds, "steps": len(steps),
+                 "seconds_per_step": sum(steps) / len(steps) if steps else None})
+    path = save_run(root, name, images, labels, manifest, fmt=args.format, overwrite=args.overwrite)
+    print(f"{args.method}: {len(images)} images in {seconds:.1f} s -> {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate_student
+    from .export import load_run, save_eval
+
+    cfg = config_from_args(EvalConfig, args)
+    run = load_run(args.run_dir)
+    m = run.manifest
+    ds = m.get("dataset", {})
+    kw = {**ds.get("args", {}), **dataset_kwargs(args)}
+    teacher = load_teacher(args.teacher or m.get("teacher", {}).get("ref") or "shipped", args.device)
+    bundle = match_teacher(load_bundle(args.dataset or ds.get("name", "shapes"), kw), teacher)
+    classes = _classes(args.classes) or ds.get("classes")
+    bar = _Bar(f"student {cfg.student}", cfg.epochs)
+    try:
+        res = evaluate_student(run.images01, run.labels, teacher, bundle, cfg, device=args.device,
+                               seed=args.seed, progress=bar, classes=classes, label_dir=run.path)
+    finally:
+        bar.close()
+    out = save_eval(run.path, {**res.to_dict(), "teacher_ref": args.teacher or m.get("teacher", {}).get("ref")})
+    print(f"final_acc {res.final_acc:.4f} best_acc {res.best_acc:.4f} "
+          f"({res.n_test} test images, {res.seconds:.1f} s) -> {out}")
+    lb = res.label_bytes
+    if lb.get(cfg.label_mode):
+        print(f"stored {cfg.label_mode} labels: {lb[cfg.label_mode]} bytes")
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from .experts import ExpertConfig, train_experts
+
+    cfg = config_from_args(ExpertConfig, args)
+    bundle = load_bundle(args.dataset, dataset_kwargs(args), _classes(args.classes))
+    bar = _Bar("experts")
+    try:
+        path = train_experts(cfg, bundle, device=args.device, progress=bar)
+    finally:
+        bar.close()
+    print(f"expert buffer: {path}")
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the run's generator [default 0]")
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The full parser; ``argv`` is peeked at for ``distill --method M`` so that M's config flags
+    are added."""
+    from .evaluate import EvalConfig
+    from .export import FORMATS
+    from .methods import get_method, list_methods
+    from .models import TeacherTrainConfig
+
+    ap = argparse.ArgumentParser(prog="nrrdd", description="Dataset distillation from the command line "
+                                 "(SRe2L, RDED, NRR-DD, EDF).")
+    ap.add_argument("--version", action="version", version=f"nrrdd {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("methods", help="list the methods and their config fields")
+    p.add_argument("--json", action="store_true", help="print Config.describe() of every method as JSON")
+    p.set_defaults(func=cmd_methods)
+
+    tp = sub.add_parser("teacher", help="teacher commands")
+    tsub = tp.add_subparsers(dest="teacher_command", required=True, metavar="SUBCOMMAND")
+    p = tsub.add_parser("train", help="train a teacher on a dataset and save it")
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="checkpoint path to write (.pt)")
+    _common(p)
+    add_config_args(p, TeacherTrainConfig)
+    p.set_defaults(func=cmd_teacher_train)
+
+    methods = list_methods()
+    p = sub.add_parser("distill", help="distil a dataset with a method and save the run",
+                       description="nrrdd distill --method M ... (M's config flags: "
+                                   "nrrdd distill --method M --help)")
+    p.add_argument("--method", required=True, choices=methods, help="distillation method")
+    _add_dataset_args(p)
+    p.add_argument("--ipc", type=int, default=10, help="images per class [default 10]")
+    p.add_argument("--teacher", default="shipped", help="teacher checkpoint path, or 'shipped' "
+                   "(the built-in dataset's teacher) [default shipped]")
+    p.add_argument("--out", help="runs root folder [default $NRRDD_RUNS or ./runs]")
+    p.add_argument("--name", help="run folder name [default <method>_<dataset>_ipc<N>_s<seed>]")
+    p.add_argument("--format", default="png", choices=list(FORMATS), help="image files [default png]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
+    _common(p)
+    method = _peek_method(argv)
+    if method in methods:
+        add_config_args(p, get_method(method).Config)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="train a student on a saved run and report top-1 accuracy")
+    p.add_argument("run_dir", help="run folder written by nrrdd distill")
+    p.add_argument("--teacher", help="teacher checkpoint or 'shipped' [default: the run's teacher]")
+    _add_dataset_args(p, default=None)
+    _common(p)
+    add_config_args(p, EvalConfig)
+    p.set_defaults(func=cmd_evaluate)
+
+    if importlib.util.find_spec(f"{__package__}.experts") is not None:
+        from .experts import ExpertConfig
+
+        p = sub.add_parser("experts", help="train expert trajectories (EDF buffer)")
+        _add_dataset_args(p)
+        _common(p)
+        add_config_args(p, ExpertConfig)
+        p.set_defaults(func=cmd_experts)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nrrdd`` command; returns the exit code (0 ok, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argparse errors (already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except NrrddError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
