@@ -136,7 +136,8 @@ def test_determinism(method, teacher, bundle):
 
 
 RESUME = [("sre2l", 2, {}), ("sre2l", 5, {"batch_size": 4}), ("rded", 4, {}),
-          ("nrrdd", 4, {}), ("nrrdd", 11, {"mask_recompute_every": 2})]
+          ("rded", 1, {"factor": 2}), ("nrrdd", 4, {}),
+          ("nrrdd", 11, {"mask_recompute_every": 2, "cam_method": "gradcam_torch", "factor": 2})]
 
 
 @pytest.mark.parametrize("method,k,cfg", [r for r in RESUME if r[0] in METHODS])

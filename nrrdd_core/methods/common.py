@@ -171,7 +171,7 @@ class PatchSelectionConfig(ConfigBase):
                         "ImageNet-scale)", unit="patches", lo=1, hi=8, source="code (RDED)")
     min_scale: float = param(0.08, "smallest candidate crop area as a fraction of the image",
                              unit="1", lo=0.0, hi=1.0, lo_open=True, source="code (RDED)")
-    images_per_step: int = param(100, "real images scored per step (bounds a step's time; "
+    images_per_step: int = param(50, "real images scored per step (bounds a step's time; "
                                  "does not change the result)", unit="images", lo=1,
                                  source="ours", ui=False)
 

@@ -30,7 +30,7 @@ from .common import (PatchSelectionConfig, PatchSelectionDistiller, RefineConfig
 
 
 @dataclass(frozen=True)
-class NRRDDConfig(PatchSelectionConfig, RefineConfig):
+class NRRDDConfig(RefineConfig, PatchSelectionConfig):
     """NRR-DD fields: candidate sampling (:class:`PatchSelectionConfig`), Adam refinement
     (:class:`RefineConfig`, with NRR's lr and iterations), and CIDD / mask choices."""
 
