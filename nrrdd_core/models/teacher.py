@@ -55,8 +55,10 @@ class Teacher:
         return p.device if p is not None else torch.device("cpu")
 
     def to(self, device: torch.device | str) -> "Teacher":
-        """Move the model to ``device`` (in place) and return self."""
-        self.model.to(device)
+        """Move the model to ``device`` (``"auto"`` allowed; in place) and return self."""
+        from ..device import resolve_device
+
+        self.model.to(resolve_device(device))
         return self
 
     def layer(self, name: str | None = None) -> nn.Module:
