@@ -207,7 +207,8 @@ def test_stitch_layout():
     from nrrdd_core.methods.common import stitch
 
     ipc, factor, s = 2, 2, 4
-    patches = torch.arange(ipc * factor ** 2, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, s, s)
+    patches = torch.arange(ipc * factor ** 2, dtype=torch.float).view(-1, 1, 1, 1)
+    patches = patches.expand(-1, 3, s, s)
     out = stitch(patches, ipc, factor, 2 * s)
     # image j holds ranks j, j+ipc, j+2ipc, j+3ipc in row-major slots
     for j in range(ipc):

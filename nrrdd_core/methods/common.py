@@ -195,6 +195,8 @@ class PatchSelectionDistiller(Distiller):
     Raises (constructor):
         DataError: a class has fewer real images than ``ipc * factor**2`` candidates need.
         ConfigError: ``mipc`` is too small for ``ipc * factor**2`` candidates.
+    Raises (step):
+        NonFiniteLossError: term ``score``, the teacher gave a NaN/inf score (``x0`` unchanged).
     """
 
     per_image: int = 1
@@ -230,7 +232,8 @@ class PatchSelectionDistiller(Distiller):
         return len(self._plan)
 
     def _real_norm(self, idx: torch.Tensor) -> torch.Tensor:
-        """Training images ``idx`` as normalised ``(n,3,H,W)`` on the device (teacher's mean/std)."""
+        """Training images ``idx`` as normalised ``(n,3,H,W)`` on the device (teacher's
+        mean/std)."""
         x01 = self.dataset.train.float01(idx).to(self.device)
         return self.teacher.data_config.normalize(x01)
 
@@ -283,6 +286,9 @@ class PatchSelectionDistiller(Distiller):
         lo, hi = self.teacher.data_config.pixel_bounds(self.device)
         x = stitch(patches, self.ipc, self.config.factor, self.size)
         self.x0[sl] = torch.maximum(torch.minimum(x, hi), lo)
+        log.debug("%s: class %d stitched from %d of %d candidates (keys %.4g..%.4g)", self.name,
+                  self.classes[pos], self.n_keep, len(key), float(key[order[0]]),
+                  float(key[order[-1]]))
 
     def _selection_state(self) -> dict:
         return {"x0": cpu_copy(self.x0), "cand": cpu_copy(self._cand)}
@@ -381,9 +387,9 @@ class Refiner:
             ``(losses, info)``: ``{"loss", "ce", "bn"}`` floats and ``{"lr", "batch"}``.
 
         Raises:
-            NonFiniteLossError: the loss (term ``loss``/``ce``/``bn``) or Adam's new iterate (term
-                ``update``, e.g. an infinite lr) is not finite; the images keep their previous values (Adam's moments
-                are not rolled back).
+            NonFiniteLossError: the loss (term ``loss``/``ce``/``bn``) or Adam's new iterate
+                (term ``update``, e.g. an infinite lr) is not finite; the images keep their
+                previous values (Adam's moments are not rolled back).
         """
         b, it = divmod(i, self.cfg.iterations)
         if self._batch != b:
@@ -394,7 +400,8 @@ class Refiner:
         lr = self._opt.param_groups[0]["lr"]
         x_before = p.detach().clone()
         try:
-            logits = self.teacher(recover_augment(p, self.teacher.data_config.image_size, generator))
+            x_aug = recover_augment(p, self.teacher.data_config.image_size, generator)
+            logits = self.teacher(x_aug)
             ce = F.cross_entropy(logits, self.labels[idx])
             bn = self._bn.value()
             loss = ce + self.bn_weight * bn

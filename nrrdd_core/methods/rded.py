@@ -1,7 +1,7 @@
 """RDED: select and stitch realistic, teacher-easy real patches (SPEC 2) [code, RDED].
 
-Per class ``c``: ``mipc`` real images, ``num_crops`` square RandomResizedCrop candidates each of side
-``H / factor``; ``score(p) = CE(T(pad_H(p)), c)``; each image keeps its lowest-score crop; the
+Per class ``c``: ``mipc`` real images, ``num_crops`` square RandomResizedCrop candidates each of
+side ``H / factor``; ``score(p) = CE(T(pad_H(p)), c)``; each image keeps its lowest-score crop; the
 class keeps the ``ipc * factor**2`` lowest; ``factor x factor`` grids are stitched (image ``j``
 holds the patches ranked ``j, j+ipc, ...``). Unlike the released code the selection is seeded.
 Soft labels come later, from the teacher (SPEC 0.4).
