@@ -200,7 +200,7 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle, device: torch.
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(1) == yb).sum())
             metrics = {"train_loss": loss_sum / n, "train_acc": correct / n,
                        "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
