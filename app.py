@@ -1,0 +1,27 @@
+"""NRR-DD Studio: a browser workbench for dataset distillation.
+
+Run with ``streamlit run app.py`` (or ``make run``). The pages live in ``pages/``; the shared UI
+code in ``studio/``; all computation in ``nrrdd_core``.
+"""
+
+import streamlit as st
+
+from studio import setup
+
+st.set_page_config(page_title="NRR-DD Studio", page_icon=":material/blur_on:", layout="wide")
+
+setup.init_session()
+setup.write_url()
+
+page = st.navigation([
+    st.Page("pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",
+            default=True),
+    st.Page("pages/2_explorer.py", title="Grad-CAM explorer", icon=":material/visibility:",
+            url_path="explorer"),
+    st.Page("pages/3_refine.py", title="Refine live", icon=":material/auto_fix_high:",
+            url_path="refine"),
+    st.Page("pages/4_compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page("pages/5_evaluate.py", title="Evaluate", icon=":material/school:", url_path="evaluate"),
+    st.Page("pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+])
+page.run()

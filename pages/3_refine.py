@@ -1,0 +1,153 @@
+"""Refine live: run a method step by step and watch the images change."""
+
+import time
+
+import numpy as np
+import streamlit as st
+
+from nrrdd_core.errors import NrrddError
+from nrrdd_core.export import default_runs_root, load_run, save_run
+from nrrdd_core.methods import get_method, list_methods
+from studio import jobs, runners, settings, widgets
+from studio import keys as K
+
+PX = 64
+METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
+                 "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
+                 "matching + CPD + DAE)"}
+
+st.title("Refine live")
+ctx = widgets.require_context()
+
+# ---- a run reopened from the Runs page: show it and load its settings into the knobs ---------
+opened = st.session_state.get(K.OPEN_RUN)
+if opened:
+    try:
+        run = load_run(opened)
+    except NrrddError as exc:
+        st.error(f"Cannot reopen {opened}: {exc}")
+        run = None
+    if run is not None:
+        mf = run.manifest
+        if st.session_state.get(K.OPEN_RUN + ".applied") != opened and mf.get("method") in \
+                list_methods():
+            st.session_state[K.METHOD] = mf["method"]
+            for name, value in mf.get("config", {}).items():
+                st.session_state[K.knob(mf["method"], name)] = value
+            st.session_state[K.OPEN_RUN + ".applied"] = opened
+        with st.expander(f"Reopened run **{run.name}** ({mf.get('method')}, "
+                         f"{len(run.labels)} images) — its settings are loaded below", expanded=True):
+            widgets.class_rows(run.images01, run.labels, sorted(set(run.labels.tolist())),
+                               [mf["dataset"]["all_class_names"][c] for c in
+                                sorted(set(run.labels.tolist()))], px=PX)
+            if st.button("Close", key="close_run"):
+                del st.session_state[K.OPEN_RUN]
+                st.rerun()
+
+# ---- the job of this session (also found again from the URL after a refresh) ---------------
+if not st.session_state.get(K.REFINE_JOB) and K.JOB_PARAM in st.query_params:
+    st.session_state[K.REFINE_JOB] = st.query_params[K.JOB_PARAM]
+job = jobs.get(st.session_state.get(K.REFINE_JOB))
+running = job is not None and job.active
+
+# ---- method and knobs -----------------------------------------------------------------------
+methods = [m for m in METHOD_LABELS if m in list_methods()] + \
+    [m for m in list_methods() if m not in METHOD_LABELS]
+if st.session_state.get(K.METHOD) not in methods:
+    st.session_state[K.METHOD] = "nrrdd" if "nrrdd" in methods else methods[0]
+c = st.columns([2, 1])
+method = c[0].selectbox("Method", methods, key=K.METHOD, format_func=lambda m: METHOD_LABELS.get(
+    m, m), disabled=running, persist_state="session")
+every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
+                    help="The images are redrawn at most 5 times a second anyway.",
+                    persist_state="session")
+fields = get_method(method).Config.describe()
+with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the SPEC",
+                 expanded=True):
+    values = widgets.config_knobs(method, fields, settings.method_overrides(fields),
+                                  disabled=running)
+    if settings.tiny():
+        st.caption("Tiny mode (NRRDD_STUDIO_TINY=1): step counts are shortened.")
+
+# ---- controls -------------------------------------------------------------------------------
+b = st.columns([1, 1, 1, 3])
+if b[0].button("Start refinement", key=K.REFINE_START, type="primary", disabled=running,
+               icon=":material/play_arrow:"):
+    try:
+        cfg = get_method(method).Config.from_dict(values).to_dict()
+    except NrrddError as exc:
+        st.error(f"Invalid settings: {exc}")
+    else:
+        def work(j, method=method, cfg=cfg, ctx=ctx, every=every):
+            return runners.distill(j, method, cfg, ctx.teacher, ctx.bundle, ctx.classes,
+                                   ctx.setup, every=every)
+
+        job = jobs.start("refine", work, {"method": method, "config": cfg})
+        st.session_state[K.REFINE_JOB] = job.id
+        st.query_params[K.JOB_PARAM] = job.id
+        st.rerun()
+paused = job is not None and job.status == "paused"
+b[1].button("Resume" if paused else "Pause", key=K.REFINE_PAUSE, disabled=not running,
+            on_click=job.toggle_pause if running else None, icon=":material/pause:")
+b[2].button("Stop run", key=K.REFINE_STOP, disabled=not running,
+            on_click=job.request_stop if running else None, icon=":material/stop:")
+
+
+def scaled(a: np.ndarray) -> np.ndarray:
+    return a / max(float(a.max()), 1e-8)
+
+
+def render(j: jobs.Job | None) -> None:
+    if j is None:
+        st.info("Press **Start refinement** to run the method; the images are redrawn while "
+                "it works.")
+        return
+    v = j.view()
+    widgets.job_status(v)
+    f, hist = v["frame"], v["history"]
+    m = st.columns(4)
+    m[0].metric("Phase", v["message"] or "–")
+    m[1].metric("Steps per second", f"{runners.steps_per_second(hist):.1f}" if hist else "–")
+    m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
+                else "–", help="Mean teacher probability of each image's label.")
+    m[3].metric("Frames drawn", v["frames"])
+    if "images" in f and len(f["images"]):
+        names = [ctx.bundle.config.class_names[y] for y in f["labels"].tolist()]
+        rows = [("Current images", [widgets.to_hwc(x) for x in f["images"]], names)]
+        if "initial" in f:
+            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]], None))
+        if "mask" in f:
+            mk = scaled(f["mask"][:, 0].numpy())
+            rows.append(("Mask: update weight (white = free, black = critical, frozen)",
+                         [widgets.to_hwc(x) for x in mk], None))
+        if "change" in f:
+            ch = f["change"].numpy()
+            rows.append((f"Change since the start (brightest = {ch.max():.3f} in [0,1] pixels)",
+                         [widgets.heat(x) for x in scaled(ch)], None))
+        for title, imgs, caps in rows:
+            st.caption(title)
+            widgets.image_grid(imgs, caps, px=PX)
+    if hist:
+        step = max(1, len(hist) // 400)
+        st.plotly_chart(widgets.curves(hist[::step], "step", [k for k in hist[-1] if k not in (
+            "step", "phase", "seconds")], title="Loss terms", log_y=True), key="refine_losses")
+
+
+widgets.live(job.id if job else None, render)
+
+# ---- save the result ------------------------------------------------------------------------
+if job is not None and not job.active and job.result is not None:
+    res = job.result
+    st.subheader("Save this run")
+    default = f"{method}_{ctx.bundle.config.name}_ipc{ctx.setup.ipc}_{time.strftime('%m%d-%H%M%S')}"
+    c = st.columns([3, 1], vertical_alignment="bottom")
+    name = c[0].text_input("Run name", value=default, key=K.RUN_NAME)
+    if c[1].button("Save run", key=K.SAVE_RUN, icon=":material/save:"):
+        try:
+            path = save_run(default_runs_root(), name, res["images"], res["labels"],
+                            res["manifest"])
+        except NrrddError as exc:
+            st.error(f"Not saved: {exc}")
+        else:
+            st.success(f"Saved to {path}.")
+            st.page_link("pages/6_runs.py", label="Open the Runs page", icon=":material/folder_open:")

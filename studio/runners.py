@@ -1,0 +1,177 @@
+"""Job bodies: thin loops around ``nrrdd_core`` calls that report to a :class:`studio.jobs.Job`.
+
+They run in worker threads, never touch ``st.*``, and work on a private copy of the shared
+teacher (methods and CAMs register hooks on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from nrrdd_core.data import DatasetBundle
+from nrrdd_core.export import build_manifest
+from nrrdd_core.methods import make_distiller
+from nrrdd_core.models.teacher import Teacher
+
+from .jobs import Job
+from .setup import Setup
+
+#: Minimum seconds between two snapshots of a live run (bounds the drawing cost).
+MIN_FRAME_INTERVAL = 0.2
+
+
+def teacher_ref(s: Setup) -> str:
+    """How a manifest says which teacher was used (``"shipped"`` or a checkpoint path)."""
+    return "shipped" if s.teacher == "shipped" else f"{s.teacher}:{s.teacher_path or s.teacher_arch}"
+
+
+def snapshot(d, teacher: Teacher) -> dict:
+    """What the Refine page draws: current images, views, teacher confidence on the labels."""
+    x, y = d.images()
+    frame = {"images": x, "labels": y, "step": d.step_index, **d.views()}
+    if len(x):
+        probs = teacher.predict01(x)
+        frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
+        frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
+    return frame
+
+
+def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
+            classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
+    """Run one method step by step. With ``frames`` (the Refine page) it records every step and
+    a snapshot every ``every`` steps, at most every :data:`MIN_FRAME_INTERVAL` s; without (Compare)
+    it only updates the job's message. Stops between steps on request and returns what it has:
+    ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest`` (export manifest)."""
+    t = copy.deepcopy(teacher)
+    t0 = time.perf_counter()
+    with make_distiller(method, config, teacher=t, dataset=bundle, classes=classes, ipc=s.ipc,
+                        device=s.device, seed=s.seed) as d:
+        if frames:
+            job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t))
+        last, since = time.perf_counter(), 0
+        while not d.done and not job.should_stop():
+            rec = d.step()
+            since += 1
+            if frames:
+                job.progress(step=d.step_index, message=rec.phase, record={
+                    "step": rec.step + 1, "phase": rec.phase, "seconds": rec.seconds, **rec.losses})
+            else:
+                job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
+            now = time.perf_counter()
+            if frames and (d.done or (since >= every and now - last >= MIN_FRAME_INTERVAL)):
+                job.progress(frame=snapshot(d, t))
+                last, since = now, 0
+        x, y = d.images()
+        seconds = time.perf_counter() - t0
+        manifest = build_manifest(
+            method=method, config=d.config.to_dict(), teacher=t, bundle=bundle,
+            classes=d.classes, ipc=s.ipc, seed=s.seed, teacher_ref=teacher_ref(s),
+            dataset_args=dict(s.dataset_kwargs), steps=d.step_index, total_steps=d.total_steps,
+            timings={"seconds": seconds, "seconds_per_step": seconds / max(1, d.step_index)},
+            device=str(d.device), complete=d.done)
+    return {"images": x, "labels": y, "config": d.config.to_dict(), "seconds": seconds,
+            "steps": d.step_index, "manifest": manifest}
+
+
+def steps_per_second(history: list[dict], window: int = 20) -> float:
+    """Compute rate of the last ``window`` steps (1 / mean step time)."""
+    secs = [r["seconds"] for r in history[-window:] if r.get("seconds")]
+    return len(secs) / sum(secs) if secs else float("nan")
+
+
+def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundle,
+            classes: list[int], s: Setup, eval_cfg: dict, store: dict,
+            recompute: bool = False) -> dict:
+    """Distil the chosen classes with each method (SPEC defaults, same teacher and seed), add the
+    random real subset of the same size, and measure each set: :func:`studio.metrics.set_metrics`,
+    a quick student evaluation (``eval_cfg``), time and label storage. Results already in
+    ``store`` (same setup, method and evaluation settings) are reused unless ``recompute``.
+
+    Returns ``{name: result}`` with ``"random"`` first; partial results are also in
+    ``job.frame["results"]`` while it runs."""
+    from nrrdd_core.evaluate import EvalConfig, evaluate_student, random_real_subset
+    from nrrdd_core.labels import paper_label_bytes
+    from nrrdd_core.methods import get_method
+
+    from .metrics import set_metrics
+    from .settings import method_overrides
+
+    t = copy.deepcopy(teacher)
+    ecfg = EvalConfig.from_dict(eval_cfg)
+    results: dict = {}
+    names = ["random"] + list(methods)
+    job.progress(total=len(names))
+    for i, name in enumerate(names):
+        key = (s.teacher_key, tuple(classes), s.ipc, s.seed, name, tuple(sorted(eval_cfg.items())))
+        if key in store and not recompute:
+            results[name] = {**store[key], "reused": True}
+            job.progress(step=i + 1, frame={"results": dict(results)})
+            continue
+        if job.should_stop():
+            break
+        if name == "random":
+            x, y = random_real_subset(bundle, classes, s.ipc, seed=s.seed)
+            seconds, manifest = 0.0, None
+        else:
+            cfg = method_overrides(get_method(name).Config.describe())
+            r = distill(job, name, cfg, teacher, bundle, classes, s, frames=False)
+            if r["steps"] == 0 or job.stop_event.is_set():
+                break
+            x, y, seconds, manifest = r["images"], r["labels"], r["seconds"], r["manifest"]
+        job.progress(message=f"{name}: measuring and training a student ({ecfg.epochs} epochs)")
+        ev = evaluate_student(x, y, t, bundle, ecfg, device=s.device, seed=s.seed,
+                              should_stop=job.should_stop, classes=classes)
+        res = {"images": x, "labels": y, "seconds": seconds, "manifest": manifest,
+               **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
+               "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes)}
+        store[key] = res
+        results[name] = res
+        job.progress(step=i + 1, frame={"results": dict(results)})
+    return results
+
+
+def evaluate_runs(job: Job, paths: list[str], teacher: Teacher, bundle: DatasetBundle,
+                  eval_cfg: dict, s: Setup) -> list[dict]:
+    """Train a student on each saved run with ``eval_cfg`` (SPEC 0.4 KD protocol), recording
+    one history row per epoch (``run``, ``epoch``, ``acc`` on evaluated epochs...) and saving
+    each result into its run folder. A run that cannot be evaluated (other dataset...) gets an
+    ``error`` row and the others go on."""
+    from nrrdd_core.errors import NrrddError, StoppedError
+    from nrrdd_core.evaluate import EvalConfig, evaluate_student
+    from nrrdd_core.export import load_run, save_eval
+
+    from .reference import published
+
+    t = copy.deepcopy(teacher)
+    cfg = EvalConfig.from_dict(eval_cfg)
+    rows: list[dict] = []
+    job.progress(total=len(paths) * cfg.epochs)
+    for k, path in enumerate(paths):
+        if job.should_stop():
+            break
+        row = {"run": str(path).rstrip("/").split("/")[-1]}
+        try:
+            run = load_run(path)
+            mf = run.manifest
+            row.update(method=mf.get("method"), dataset=mf["dataset"]["name"], ipc=mf.get("ipc"))
+            if list(mf["dataset"]["all_class_names"]) != list(bundle.config.class_names):
+                raise NrrddError(f"the run was distilled on {mf['dataset']['name']} with other "
+                                 "classes than the current setup: choose its dataset on Setup")
+            res = evaluate_student(
+                run.images01, run.labels, t, bundle, cfg, device=s.device, seed=s.seed,
+                classes=mf["dataset"]["classes"], should_stop=job.should_stop,
+                progress=lambda e, n, m, k=k, name=row["run"]: job.progress(
+                    step=k * cfg.epochs + e, message=f"{name}: epoch {e}/{n}",
+                    record={"run": name, "epoch": e, **m}))
+            save_eval(path, res.to_dict())
+            pub = published(mf, cfg.student)
+            row.update(final_acc=100 * res.final_acc, best_acc=100 * res.best_acc,
+                       published=pub, seconds=res.seconds)
+        except StoppedError:
+            raise
+        except NrrddError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+        job.progress(frame={"rows": list(rows)})
+    return rows
