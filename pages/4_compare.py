@@ -1,0 +1,110 @@
+"""Compare: every method on the same classes, teacher and seed, beside a random real subset."""
+
+import time
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from nrrdd_core.errors import NrrddError
+from nrrdd_core.evaluate import EvalConfig
+from nrrdd_core.export import default_runs_root, save_run
+from nrrdd_core.methods import list_methods
+from studio import cache, jobs, runners, settings, widgets
+from studio import keys as K
+
+PX = 56
+LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "NRR-DD", "edf": "EDF"}
+
+st.title("Compare")
+ctx = widgets.require_context()
+st.write("Distil the chosen classes with every method (SPEC defaults, the same teacher and "
+         "seed) and put them beside a random real subset of the same size: the baseline every "
+         "distilled set must beat.")
+
+methods = list_methods()
+job = jobs.get(st.session_state.get(K.COMPARE_JOB))
+running = job is not None and job.active
+c = st.columns([1, 1, 2], vertical_alignment="bottom")
+if K.COMPARE_EPOCHS not in st.session_state:
+    st.session_state[K.COMPARE_EPOCHS] = 1 if settings.tiny() else 10
+epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE_EPOCHS,
+                           help="SPEC 0.4 trains 300 epochs; a few give a quick ranking.",
+                           persist_state="session")
+recompute = c[1].toggle("Recompute", key="compare_recompute",
+                        help="Off: reuse results of the same setup computed earlier.")
+b = c[2].columns(2)
+if b[0].button("Run comparison", key=K.COMPARE_START, type="primary", disabled=running,
+               icon=":material/play_arrow:"):
+    eval_cfg = {"epochs": int(epochs)}
+
+    def work(j, ctx=ctx, eval_cfg=eval_cfg, recompute=recompute):
+        return runners.compare(j, methods, ctx.teacher, ctx.bundle, ctx.classes, ctx.setup,
+                               eval_cfg, cache.compare_store(), recompute)
+
+    job = jobs.start("compare", work, {"epochs": int(epochs)})
+    st.session_state[K.COMPARE_JOB] = job.id
+    st.rerun()
+b[1].button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,
+            on_click=job.request_stop if running else None, icon=":material/stop:")
+st.caption(f"Student: {EvalConfig().student}, soft labels, CutMix (SPEC 0.4) · "
+           f"{len(ctx.classes)} classes × IPC {ctx.setup.ipc}")
+
+
+def render(j: jobs.Job | None) -> None:
+    v = j.view() if j is not None else None
+    if v is not None:
+        widgets.job_status(v, "sets")
+    results = (v["result"] or v["frame"].get("results", {})) if v else {}
+    columns = ["random"] + methods
+    # side by side: rows = classes, columns = methods + the random real baseline
+    head = st.columns([1] + [2] * len(columns))
+    head[0].markdown("**class**")
+    for col, name in zip(head[1:], columns):
+        r = results.get(name)
+        note = ("reused" if r.get("reused") else f"{r['seconds']:.1f} s") if r else "not run yet"
+        col.markdown(f"**{LABELS.get(name, name)}**  \n{note}")
+    for c_ in ctx.classes:
+        row = st.columns([1] + [2] * len(columns), vertical_alignment="center")
+        row[0].markdown(ctx.bundle.config.class_names[c_])
+        for col, name in zip(row[1:], columns):
+            r = results.get(name)
+            if r is not None:
+                sel = (r["labels"] == c_).nonzero().flatten().tolist()
+                with col:
+                    widgets.image_grid([widgets.to_hwc(r["images"][i]) for i in sel], px=PX)
+    if not results:
+        return
+    table = pd.DataFrame([{
+        "set": LABELS.get(n, n), "teacher acc %": 100 * r["teacher_acc"],
+        "teacher conf %": 100 * r["teacher_conf"], "CAM area %": 100 * r["cam_area"],
+        "diversity": r["diversity"], "time s": r["seconds"],
+        "soft labels MB (300 ep)": r["label_bytes"]["soft"] / 1e6,
+        "DBR labels MB (300 ep)": r["label_bytes"]["dbr"] / 1e6,
+        "student acc %": 100 * r["student_acc"]} for n, r in results.items()])
+    st.dataframe(table, hide_index=True, column_config={
+        k: st.column_config.NumberColumn(format="%.2f") for k in table.columns if k != "set"})
+    st.caption("Teacher accuracy / confidence on the synthetic images; CAM area = share of "
+               "pixels with CAM ≥ 0.5; diversity = mean pairwise distance of the teacher's pooled "
+               "CAM-layer features within a class; label storage by the SPEC 3.4 arithmetic.")
+    fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
+                           text=[f"{a:.1f}" for a in table["student acc %"]]))
+    fig.update_layout(height=300, yaxis_title="student top-1 %", margin=dict(l=10, r=10, t=30, b=10),
+                      title=f"Quick student evaluation ({v['params'].get('epochs')} epochs)")
+    st.plotly_chart(fig, key="compare_bars")
+
+
+widgets.live(job.id if job else None, render)
+
+if job is not None and not job.active and job.result:
+    if st.button("Save the distilled sets as runs", key=K.COMPARE_SAVE, icon=":material/save:"):
+        stamp = time.strftime("%m%d-%H%M%S")
+        for name, r in job.result.items():
+            if r.get("manifest") is None:
+                continue
+            try:
+                path = save_run(default_runs_root(), f"compare_{name}_{stamp}", r["images"],
+                                r["labels"], r["manifest"])
+                st.success(f"Saved {path}")
+            except NrrddError as exc:
+                st.error(f"{name}: not saved: {exc}")

@@ -1,0 +1,87 @@
+"""Evaluate: train a student on saved runs and compare with the published figures."""
+
+import pandas as pd
+import streamlit as st
+
+from nrrdd_core.evaluate import EvalConfig
+from nrrdd_core.export import default_runs_root, list_runs
+from nrrdd_core.models import list_models
+from studio import jobs, runners, settings, widgets
+from studio import keys as K
+
+PERSIST = {"persist_state": "session"}
+LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances (2 numbers "
+               "per image)", "hard": "hard one-hot labels"}
+
+st.title("Evaluate")
+ctx = widgets.require_context()
+st.write("Train a fresh student on each chosen distilled set with the KD protocol of SPEC 0.4 "
+         "and test it on the real test split. Results are stored in each run's folder.")
+
+runs = {r.name: str(r.path) for r in list_runs(default_runs_root())}
+if not runs:
+    st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
+    st.page_link("pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
+    st.stop()
+job = jobs.get(st.session_state.get(K.EVAL_JOB))
+running = job is not None and job.active
+
+st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, []) if r in runs]
+chosen = st.multiselect("Runs", list(runs), key=K.EVAL_RUNS, disabled=running,
+                        placeholder="choose one or more saved runs", **PERSIST)
+defaults = {f["name"]: f for f in EvalConfig.describe()}
+c = st.columns(3)
+students = list_models()
+if st.session_state.get(K.EVAL_STUDENT) not in students:
+    st.session_state[K.EVAL_STUDENT] = defaults["student"]["default"]
+student = c[0].selectbox("Student", students, key=K.EVAL_STUDENT, disabled=running, **PERSIST)
+label_mode = c[1].radio("Labels", list(LABEL_MODES), key=K.EVAL_LABELS, disabled=running,
+                        format_func=LABEL_MODES.get, **PERSIST)
+if K.EVAL_EPOCHS not in st.session_state:
+    st.session_state[K.EVAL_EPOCHS] = 1 if settings.tiny() else 30
+epochs = c[2].number_input("Epochs", 1, 5000, key=K.EVAL_EPOCHS, disabled=running,
+                           help="The published figures use 300 epochs (SPEC 0.4); fewer give a "
+                                "lower but quick estimate.", **PERSIST)
+b = st.columns([1, 1, 4])
+if b[0].button("Start evaluation", key=K.EVAL_START, type="primary",
+               disabled=running or not chosen, icon=":material/play_arrow:"):
+    cfg = {"student": student, "label_mode": label_mode, "epochs": int(epochs),
+           "eval_every": max(1, int(epochs) // 20)}
+
+    def work(j, paths=[runs[n] for n in chosen], cfg=cfg, ctx=ctx):
+        return runners.evaluate_runs(j, paths, ctx.teacher, ctx.bundle, cfg, ctx.setup)
+
+    job = jobs.start("evaluate", work, cfg)
+    st.session_state[K.EVAL_JOB] = job.id
+    st.rerun()
+b[1].button("Stop evaluation", key=K.EVAL_STOP, disabled=not running,
+            on_click=job.request_stop if running else None, icon=":material/stop:")
+
+
+def render(j: jobs.Job | None) -> None:
+    if j is None:
+        return
+    v = j.view()
+    widgets.job_status(v, "epochs")
+    hist = v["history"]
+    if hist:
+        fig = widgets.curves([], "epoch", title="Student test accuracy", yaxis="top-1")
+        for name in dict.fromkeys(r["run"] for r in hist):
+            pts = [(r["epoch"], r["acc"]) for r in hist if r["run"] == name and "acc" in r]
+            if pts:
+                fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                name=name)
+        st.plotly_chart(fig, key="eval_curves")
+    rows = v["result"] if v["result"] is not None else v["frame"].get("rows", [])
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
+            "final_acc": st.column_config.NumberColumn("final top-1 %", format="%.2f"),
+            "best_acc": st.column_config.NumberColumn("best top-1 %", format="%.2f"),
+            "published": st.column_config.NumberColumn("published % (SPEC 5)", format="%.1f"),
+            "seconds": st.column_config.NumberColumn("time s", format="%.1f")})
+        st.caption("The published figure appears where the setting (method, dataset, IPC, "
+                   f"student family, all classes) matches SPEC section 5; settings: "
+                   f"{v['params']}.")
+
+
+widgets.live(job.id if job else None, render)

@@ -1,0 +1,190 @@
+"""Streamlit pages driven headless with ``streamlit.testing.v1.AppTest``.
+
+Tiny settings (``NRRDD_STUDIO_TINY=1``: 20 training images per class, runs of a few steps, one
+student epoch) and a tiny untrained ConvNet teacher given through the URL keep every page fast.
+AppTest never ticks ``run_every``: background jobs are polled by calling ``at.run()``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nrrdd_core.data import load_dataset
+from nrrdd_core.export import build_manifest, save_run
+from nrrdd_core.methods import list_methods
+from nrrdd_core.models import Teacher, build_model, default_cam_layer
+
+AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TINY_DATA = {"train_per_class": 20, "test_per_class": 10}
+
+
+def tiny_teacher(path: Path, class_names=None) -> Path:
+    """An untrained ConvNet-BN (width 8) for the tiny shapes set, saved at ``path``."""
+    b = load_dataset("shapes", **TINY_DATA)
+    cfg = b.config
+    if class_names is not None:
+        from dataclasses import replace
+        cfg = replace(cfg, class_names=tuple(class_names))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("convnet_bn", cfg.num_classes, cfg.image_size, width=8)
+    Teacher(model, "convnet_bn", cfg, default_cam_layer("convnet_bn"), {"width": 8}).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory) -> Path:
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny.pt")
+
+
+@pytest.fixture(autouse=True)
+def _tiny(monkeypatch, tmp_path):
+    monkeypatch.setenv("NRRDD_STUDIO_TINY", "1")
+    monkeypatch.setenv("NRRDD_RUNS", str(tmp_path / "runs"))
+
+
+def app(teacher_path: Path | None, page: str | None = None, **params) -> AppTest:
+    """The app with the tiny teacher (and extra URL parameters), opened on ``page``."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    if teacher_path is not None:
+        at.query_params.update({"teacher": "file", "teacher_path": str(teacher_path)})
+    at.query_params.update({k: v if isinstance(v, list) else str(v) for k, v in params.items()})
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def poll(at: AppTest, done, timeout: float = 90.0) -> AppTest:
+    """Re-run until ``done(at)`` (jobs run in threads; AppTest does not tick fragments)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        at.run()
+        assert not at.exception, at.exception
+        if done(at):
+            return at.run()  # one more full run, as the fragment's st.rerun() does in a browser
+        time.sleep(0.3)
+    raise AssertionError("timed out; progress: " + str([p.proto.text for p in at.get("progress")]))
+
+
+def progress_text(at: AppTest) -> str:
+    bars = at.get("progress")
+    return bars[0].proto.text if bars else ""
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+# ---- Setup ----------------------------------------------------------------------------------
+def test_setup_loads_with_defaults():
+    at = app(None)
+    assert at.title[0].value == "Setup"
+    assert at.selectbox(key="ds").value == "shapes"
+    assert at.radio(key="teacher").value == "shipped"
+
+
+def test_setup_shows_teacher_accuracy_and_reads_the_url(teacher_path):
+    at = app(teacher_path, ipc=3, classes=["circle", "star"])
+    assert "%" in metric(at, "Test accuracy")
+    assert any("Matches the dataset" in s.value for s in at.success)
+    assert at.number_input(key="ipc").value == 3
+    assert at.multiselect(key="classes").value == ["circle", "star"]
+    assert at.radio(key="teacher").value == "file"
+
+
+def test_setup_refuses_a_teacher_with_another_class_order(tmp_path):
+    names = list(load_dataset("shapes", **TINY_DATA).config.class_names)
+    names[0], names[1] = names[1], names[0]
+    at = app(tiny_teacher(tmp_path / "swapped.pt", names))
+    assert any("Refused" in e.value and "class order" in e.value for e in at.error)
+
+
+def test_pages_point_to_setup_when_the_teacher_is_refused(tmp_path):
+    at = app(tiny_teacher(tmp_path / "five.pt", ["a", "b", "c", "d", "e"]), "2_explorer")
+    assert any("cannot be used" in e.value for e in at.error)
+
+
+# ---- Explorer -------------------------------------------------------------------------------
+def test_explorer_sliders_change_what_is_shown(teacher_path):
+    at = app(teacher_path, "2_explorer", classes="circle")
+    at.multiselect  # noqa: B018 - page loaded
+    captions = [c for im in at.image for c in im.captions]
+    assert any("non-crit" in c for c in captions)
+    assert metric(at, "Images") == "4"
+    at.slider(key="tau").set_value(0.0).run()
+    assert metric(at, "Non-critical share") == "0 %"
+    at.slider(key="tau").set_value(1.0).run()
+    assert metric(at, "Non-critical share") != "0 %"
+    at.slider(key="per_class").set_value(2).run()
+    assert metric(at, "Images") == "2"
+    at.selectbox(key="cam_method").set_value("gradcam").run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == 1  # complexity histogram
+
+
+# ---- Refine ---------------------------------------------------------------------------------
+def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
+    at = app(teacher_path, "3_refine", classes=["circle", "square"])
+    at.button(key="refine_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error")))
+    assert progress_text(at).startswith("done"), [e.value for e in at.error]
+    assert any("Current images" in c.value for c in at.caption)
+    at.button(key="save_run").click().run()
+    assert at.success, [e.value for e in at.error]
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_refine_failure_is_shown_and_app_stays_usable(teacher_path):
+    at = app(teacher_path, "3_refine", classes="circle")
+    at.number_input(key="knob.nrrdd.lr").set_value(1e38).run()
+    at.number_input(key="knob.nrrdd.alpha_bn").set_value(1e38).run()
+    at.button(key="refine_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error")))
+    assert any("failed" in e.value for e in at.error)
+    assert not at.button(key="refine_start").disabled
+
+
+# ---- Compare --------------------------------------------------------------------------------
+def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
+    at = app(teacher_path, "4_compare", classes="circle")
+    header = [m.value for m in at.markdown if m.value.startswith("**") and "  \n" in m.value]
+    assert len(header) == len(list_methods()) + 1
+    at.button(key="compare_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")), timeout=180)
+    assert progress_text(at).startswith("done"), [e.value for e in at.error]
+    assert len(at.dataframe[0].value) == len(list_methods()) + 1
+    assert len(at.get("plotly_chart")) == 1
+
+
+# ---- Runs and Evaluate ----------------------------------------------------------------------
+def saved_run(teacher_path: Path, root: Path) -> Path:
+    b = load_dataset("shapes", **TINY_DATA)
+    t = Teacher.load(teacher_path)
+    x, y = b.train.float01(torch.arange(4)), b.train.y[:4]
+    mf = build_manifest(method="rded", config={}, teacher=t, bundle=b, classes=sorted(set(
+        y.tolist())), ipc=1, seed=0, dataset_args=TINY_DATA)
+    return save_run(root, "tiny_run", x, y, mf)
+
+
+def test_runs_offers_a_download(teacher_path, tmp_path):
+    saved_run(teacher_path, tmp_path / "runs")
+    at = app(teacher_path, "6_runs")
+    assert len(at.get("download_button")) == 1
+    assert at.dataframe[0].value["run"].tolist() == ["tiny_run"]
+
+
+def test_evaluate_trains_a_student_on_a_saved_run(teacher_path, tmp_path):
+    saved_run(teacher_path, tmp_path / "runs")
+    at = app(teacher_path, "5_evaluate")
+    at.multiselect(key="eval_runs").set_value(["tiny_run"]).run()
+    at.button(key="eval_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
+    rows = at.dataframe[0].value
+    assert rows["run"].tolist() == ["tiny_run"] and 0 <= rows["final_acc"][0] <= 100
