@@ -107,11 +107,12 @@ def teacher_cache_path(cfg: TeacherTrainConfig, bundle: DatasetBundle) -> Path:
 
 @torch.no_grad()
 def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
-                      data_config: DataConfig, device: torch.device | str = "auto",
+                      data_config: DataConfig, device: torch.device | str | None = None,
                       batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1] of a model (normalised input) on a split of uint8 images.
 
-    The model is evaluated in eval mode on ``device`` and its previous train/eval mode restored.
+    The model is evaluated in eval mode and its previous train/eval mode restored. Batches go to
+    ``device`` (default: the model's device; the model is not moved).
 
     Raises:
         DataError: the split is empty.
@@ -119,7 +120,9 @@ def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
     if len(split) == 0:
         raise DataError("cannot evaluate accuracy on an empty split")
     model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
-    dev = resolve_device(device)
+    first = next(model.parameters(), None)
+    dev = resolve_device(device) if device is not None else (
+        first.device if first is not None else torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
