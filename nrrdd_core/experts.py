@@ -50,20 +50,25 @@ Progress = Callable[[int, int, dict], None]
 @dataclass(frozen=True)
 class ExpertConfig(ConfigBase):
     """How to train the expert trajectories (SPEC 4.1). Defaults: small, for the built-in
-    dataset on a CPU (3 experts x 15 epochs of a width-64 ConvNet-IN); use
+    dataset on a CPU (3 experts x 15 epochs of a width-32 ConvNet-IN, lr 0.03, batch 64, 200
+    images per class); use
     :meth:`for_dataset` for the published settings."""
 
     num_experts: int = param(3, "number of expert trajectories", unit="experts", lo=1, source="ours")
     epochs: int = param(15, "training epochs per expert (E; E+1 snapshots are saved)",
                         unit="epochs", lo=1, source="ours")
-    lr: float = param(0.01, "SGD learning rate (constant)", lo=0.0, lo_open=True, source="code")
+    lr: float = param(0.03, "SGD learning rate (constant; 0.01 in the papers)", lo=0.0,
+                      lo_open=True, source="ours")
     momentum: float = param(0.0, "SGD momentum", lo=0.0, hi=1.0, hi_open=True, source="code")
     weight_decay: float = param(0.0, "SGD weight decay", lo=0.0, source="code")
-    batch_size: int = param(256, "real images per SGD step", unit="images", lo=1, source="code")
+    batch_size: int = param(64, "real images per SGD step (256 in the papers)", unit="images",
+                            lo=1, source="ours")
     depth: int = param(0, "ConvNet-IN depth (0 = by image size: 3 at 32 px, 4 at 64, 5 at 128)",
                        lo=0, hi=8, source="code")
-    width: int = param(64, "ConvNet-IN channels (128 in the papers)", unit="channels", lo=1,
+    width: int = param(32, "ConvNet-IN channels (128 in the papers)", unit="channels", lo=1,
                        source="ours")
+    train_per_class: int = param(200, "real training images per class (the first ones in stored "
+                                 "order); 0 = all", unit="images", lo=0, source="ours")
     dsa: bool = param(True, "DSA augmentation on every batch (SPEC 4.2)", source="code")
     dsa_strategies: str = param(",".join(DSA_STRATEGIES), "comma-separated DSA strategies",
                                 source="code", ui=False)
@@ -97,9 +102,10 @@ class ExpertConfig(ConfigBase):
             ConfigError: an override is invalid.
         """
         n = name.lower()
-        table = {"cifar": dict(num_experts=100, epochs=50, width=128, depth=3, zca=True),
-                 "tiny": dict(num_experts=100, epochs=50, width=128, depth=4, zca=True),
-                 "image": dict(num_experts=100, epochs=50, width=128, depth=5, zca=False)}
+        paper = dict(num_experts=100, epochs=50, width=128, lr=0.01, batch_size=256,
+                     train_per_class=0)
+        table = {"cifar": dict(paper, depth=3, zca=True), "tiny": dict(paper, depth=4, zca=True),
+                 "image": dict(paper, depth=5, zca=False)}
         base = next((v for k, v in table.items() if n.startswith(k)), {})
         return cls.from_dict({**base, **overrides})
 
@@ -216,6 +222,17 @@ def zca_for(bundle: DatasetBundle, eps: float = 0.1) -> ZCA:
     return zca
 
 
+def _first_per_class(y: torch.Tensor, num_classes: int, k: int) -> torch.Tensor:
+    """Indices of the first ``k`` images of every class (all when ``k == 0``), in stored order."""
+    if k <= 0:
+        return torch.arange(len(y))
+    rank = torch.zeros_like(y)
+    for c in range(num_classes):
+        m = y == c
+        rank[m] = torch.arange(int(m.sum()))
+    return torch.nonzero(rank < k).flatten()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -269,12 +286,15 @@ class ExpertBuffer:
         """Expert ``i``'s snapshots ``(E+1, P)`` float32 on CPU (the last one is kept in memory).
 
         Raises:
-            CheckpointError: the file is unreadable or of the wrong shape.
+            CheckpointError: checksum mismatch, unreadable file or wrong shape.
         """
         if self._cache is not None and self._cache[0] == i:
             return self._cache[1]
         entry = self.manifest["experts"][i]
         f = self.path / entry["file"]
+        if _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"expert buffer file {f} is corrupt (checksum mismatch); "
+                                  f"delete {self.path} and retrain")
         obj = safe_torch_load(f)
         traj = obj.get("trajectory") if isinstance(obj, dict) else None
         if obj.get("kind") != EXPERT_KIND or not isinstance(traj, torch.Tensor) or \
@@ -348,7 +368,9 @@ class ExpertTrainer:
         self.arch_kwargs = cfg.arch_kwargs(dc.image_size)
         self.strategies = check_strategies(cfg.dsa_strategies.split(","))
         self.zca = zca_for(bundle, cfg.zca_eps) if cfg.zca else None
-        self.x_train = self._prepare(bundle.train.float01())
+        self.train_idx = _first_per_class(bundle.train.y, bundle.num_classes, cfg.train_per_class)
+        self.x_train = self._prepare(bundle.train.float01(self.train_idx))
+        self.y_train = bundle.train.y[self.train_idx]
         self.x_test = self._prepare(bundle.test.float01())
         self.expert = 0
         self.epoch = 0
@@ -411,7 +433,7 @@ class ExpertTrainer:
             xb = self.x_train[idx].to(self.device)
             if self.cfg.dsa:
                 xb = dsa(xb, gen, self.strategies)
-            loss = F.cross_entropy(model(xb), self.bundle.train.y[idx].to(self.device))
+            loss = F.cross_entropy(model(xb), self.y_train[idx].to(self.device))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

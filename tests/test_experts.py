@@ -104,6 +104,10 @@ def test_corrupt_and_truncated_files(buffer_path, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_buffer(d)
+    lazy = load_buffer(d, verify=False)                                # sizes only
+    assert lazy.trajectory(0).shape[0] == 4
+    with pytest.raises(CheckpointError, match="corrupt"):
+        lazy.trajectory(1)
     f.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match="truncated"):
         load_buffer(d, verify=False)

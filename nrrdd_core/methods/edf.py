@@ -40,7 +40,7 @@ class EDFConfig(ConfigBase):
     (the papers use syn_steps 80, batch_syn 100+ and thousands of iterations on a GPU)."""
 
     iterations: int = param(200, "outer iterations (one per step)", unit="steps", lo=1, source="ours")
-    syn_steps: int = param(10, "student SGD steps unrolled per iteration (N_syn)", unit="steps",
+    syn_steps: int = param(8, "student SGD steps unrolled per iteration (N_syn)", unit="steps",
                            lo=1, source="ours")
     expert_epochs: int = param(2, "expert epochs the student must match (M)", unit="epochs", lo=1,
                                source="code")
@@ -51,12 +51,13 @@ class EDFConfig(ConfigBase):
                                  lo=1, source="code")
     expansion_iterations: int = param(100, "iterations over which the bound rises from T to T+ "
                                       "(E_exp)", unit="steps", lo=1, source="code")
-    batch_syn: int = param(32, "synthetic images per unrolled step (capped at N)", unit="images",
+    batch_syn: int = param(25, "synthetic images per unrolled step (capped at N)", unit="images",
                            lo=1, source="ours")
     lr_img: float = param(100.0, "SGD lr of the images (momentum 0.5)", lo=0.0, source="code")
     lr_lr: float = param(1e-5, "SGD lr of the student lr (momentum 0.5)", lo=0.0, source="code")
     lr_y: float = param(2.0, "SGD lr of the label logits (momentum 0.9)", lo=0.0, source="code")
-    lr_teacher: float = param(0.01, "initial student lr eta", lo=0.0, lo_open=True, source="code")
+    lr_teacher: float = param(0.0, "initial student lr eta; 0 = the experts' lr (0.01 in the "
+                              "papers)", lo=0.0, source="code")
     max_loss: float = param(10.0, "skip the update when the matching loss exceeds this",
                             lo=0.0, lo_open=True, source="ours")
     cpd_alpha: float = param(0.0, "CPD: fraction of parameters with the smallest errors dropped "
@@ -402,7 +403,8 @@ class EDFDistiller(Distiller):
             ys.append((logits[:, order] * w[..., None]).sum(0) / w.sum(0)[:, None])
             xs.append(x[order])
             labels.append(torch.full((len(order),), c, dtype=torch.long))
-        self._build(torch.cat(xs), torch.cat(ys), torch.cat(labels), self.config.lr_teacher)
+        lr0 = self.config.lr_teacher or float(b.manifest["config"]["lr"])
+        self._build(torch.cat(xs), torch.cat(ys), torch.cat(labels), lr0)
         self.initial = self._to01(self.x_syn.detach())
 
     @torch.no_grad()
