@@ -117,8 +117,8 @@ with right:
             st.session_state[K.TRAIN_EPOCHS] = 1 if settings.tiny() else 15
         epochs = c2.number_input("Epochs", 1, 1000, key=K.TRAIN_EPOCHS, **PERSIST)
         running = job is not None and job.active
-        b1, b2 = st.columns(2)
-        if b1.button("Train teacher", key=K.TRAIN_START, type="primary", disabled=running):
+        b = st.container(horizontal=True)
+        if b.button("Train teacher", key=K.TRAIN_START, type="primary", disabled=running):
             tcfg = TeacherTrainConfig(arch=arch, epochs=int(epochs), seed=s.seed)
             dev = s.device
 
@@ -131,7 +131,7 @@ with right:
             job = jobs.start("teacher", work, {"arch": arch, "epochs": int(epochs)})
             st.session_state[K.TEACHER_JOB] = job.id
             st.rerun()
-        if b2.button("Stop training", key=K.TRAIN_STOP, disabled=not running):
+        if b.button("Stop training", key=K.TRAIN_STOP, disabled=not running):
             job.request_stop()
 
         def render(j):

@@ -63,15 +63,15 @@ every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
                     persist_state="session")
 fields = get_method(method).Config.describe()
 with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the SPEC",
-                 expanded=True):
+                 expanded=job is None):
     values = widgets.config_knobs(method, fields, settings.method_overrides(fields),
                                   disabled=running)
     if settings.tiny():
         st.caption("Tiny mode (NRRDD_STUDIO_TINY=1): step counts are shortened.")
 
 # ---- controls -------------------------------------------------------------------------------
-b = st.columns([1, 1, 1, 3])
-if b[0].button("Start refinement", key=K.REFINE_START, type="primary", disabled=running,
+b = st.container(horizontal=True)
+if b.button("Start refinement", key=K.REFINE_START, type="primary", disabled=running,
                icon=":material/play_arrow:"):
     try:
         cfg = get_method(method).Config.from_dict(values).to_dict()
@@ -87,9 +87,9 @@ if b[0].button("Start refinement", key=K.REFINE_START, type="primary", disabled=
         st.query_params[K.JOB_PARAM] = job.id
         st.rerun()
 paused = job is not None and job.status == "paused"
-b[1].button("Resume" if paused else "Pause", key=K.REFINE_PAUSE, disabled=not running,
+b.button("Resume" if paused else "Pause", key=K.REFINE_PAUSE, disabled=not running,
             on_click=job.toggle_pause if running else None, icon=":material/pause:")
-b[2].button("Stop run", key=K.REFINE_STOP, disabled=not running,
+b.button("Stop run", key=K.REFINE_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
 
 
@@ -127,10 +127,12 @@ def render(j: jobs.Job | None) -> None:
         for title, imgs, caps in rows:
             st.caption(title)
             widgets.image_grid(imgs, caps, px=PX)
-    if hist:
-        step = max(1, len(hist) // 400)
-        st.plotly_chart(widgets.curves(hist[::step], "step", [k for k in hist[-1] if k not in (
-            "step", "phase", "seconds")], title="Loss terms", log_y=True), key="refine_losses")
+    if hist:  # the loss terms of the current phase
+        phase = [r for r in hist if r["phase"] == hist[-1]["phase"]]
+        phase = phase[::max(1, len(phase) // 400)]
+        st.plotly_chart(widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
+            "step", "phase", "seconds")], title=f"Loss terms ({hist[-1]['phase']})", log_y=True),
+            key="refine_losses")
 
 
 widgets.live(job.id if job else None, render)

@@ -22,10 +22,16 @@ st.write("Distil the chosen classes with every method (SPEC defaults, the same t
          "seed) and put them beside a random real subset of the same size: the baseline every "
          "distilled set must beat.")
 
-methods = list_methods()
 job = jobs.get(st.session_state.get(K.COMPARE_JOB))
 running = job is not None and job.active
+available = [m for m in LABELS if m in list_methods()] + \
+    [m for m in list_methods() if m not in LABELS]
+st.session_state[K.COMPARE_METHODS] = [m for m in st.session_state.get(
+    K.COMPARE_METHODS, available) if m in available]
+methods = st.multiselect("Methods", available, key=K.COMPARE_METHODS, disabled=running,
+                         format_func=lambda m: LABELS.get(m, m), persist_state="session")
 c = st.columns([1, 1, 2], vertical_alignment="bottom")
+b = c[2].container(horizontal=True)
 if K.COMPARE_EPOCHS not in st.session_state:
     st.session_state[K.COMPARE_EPOCHS] = 1 if settings.tiny() else 10
 epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE_EPOCHS,
@@ -33,22 +39,21 @@ epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE
                            persist_state="session")
 recompute = c[1].toggle("Recompute", key="compare_recompute",
                         help="Off: reuse results of the same setup computed earlier.")
-b = c[2].columns(2)
-if b[0].button("Run comparison", key=K.COMPARE_START, type="primary", disabled=running,
+if b.button("Run comparison", key=K.COMPARE_START, type="primary", disabled=running,
                icon=":material/play_arrow:"):
     eval_cfg = {"epochs": int(epochs)}
 
-    def work(j, ctx=ctx, eval_cfg=eval_cfg, recompute=recompute):
+    def work(j, ctx=ctx, eval_cfg=eval_cfg, recompute=recompute, methods=methods):
         return runners.compare(j, methods, ctx.teacher, ctx.bundle, ctx.classes, ctx.setup,
                                eval_cfg, cache.compare_store(), recompute)
 
     job = jobs.start("compare", work, {"epochs": int(epochs)})
     st.session_state[K.COMPARE_JOB] = job.id
     st.rerun()
-b[1].button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,
+b.button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
 st.caption(f"Student: {EvalConfig().student}, soft labels, CutMix (SPEC 0.4) · "
-           f"{len(ctx.classes)} classes × IPC {ctx.setup.ipc}")
+           f"{len(ctx.classes)} class{'es' if len(ctx.classes) > 1 else ''} × IPC {ctx.setup.ipc}")
 
 
 def render(j: jobs.Job | None) -> None:

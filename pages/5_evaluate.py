@@ -42,8 +42,8 @@ if K.EVAL_EPOCHS not in st.session_state:
 epochs = c[2].number_input("Epochs", 1, 5000, key=K.EVAL_EPOCHS, disabled=running,
                            help="The published figures use 300 epochs (SPEC 0.4); fewer give a "
                                 "lower but quick estimate.", **PERSIST)
-b = st.columns([1, 1, 4])
-if b[0].button("Start evaluation", key=K.EVAL_START, type="primary",
+b = st.container(horizontal=True)
+if b.button("Start evaluation", key=K.EVAL_START, type="primary",
                disabled=running or not chosen, icon=":material/play_arrow:"):
     cfg = {"student": student, "label_mode": label_mode, "epochs": int(epochs),
            "eval_every": max(1, int(epochs) // 20)}
@@ -54,7 +54,7 @@ if b[0].button("Start evaluation", key=K.EVAL_START, type="primary",
     job = jobs.start("evaluate", work, cfg)
     st.session_state[K.EVAL_JOB] = job.id
     st.rerun()
-b[1].button("Stop evaluation", key=K.EVAL_STOP, disabled=not running,
+b.button("Stop evaluation", key=K.EVAL_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
 
 

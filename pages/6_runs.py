@@ -30,9 +30,9 @@ def summary(mf: dict) -> dict:
 st.dataframe(pd.DataFrame([{"run": r.name, **summary(r.manifest)} for r in runs]),
              hide_index=True, column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
 
-for r in runs:
+for i, r in enumerate(runs):
     with st.expander(f"**{r.name}** · {r.manifest.get('method')} · "
-                     f"{r.manifest.get('num_images')} images"):
+                     f"{r.manifest.get('num_images')} images", expanded=i == 0):
         try:
             run = load_run(r.path)
         except NrrddError as exc:
@@ -41,18 +41,18 @@ for r in runs:
         names = r.manifest["dataset"]["all_class_names"]
         classes = sorted(set(run.labels.tolist()))
         widgets.class_rows(run.images01, run.labels, classes, [names[c] for c in classes], px=48)
-        b = st.columns(4)
-        b[0].download_button("Download zip", data=lambda p=r.path: zip_run(p),
+        b = st.container(horizontal=True)
+        b.download_button("Download zip", data=lambda p=r.path: zip_run(p),
                              file_name=f"{r.name}.zip", mime="application/zip",
                              key=K.run_key("zip", r.name), icon=":material/download:")
-        if b[1].button("Open in Refine", key=K.run_key("refine", r.name),
+        if b.button("Open in Refine", key=K.run_key("refine", r.name),
                        icon=":material/auto_fix_high:"):
             st.session_state[K.OPEN_RUN] = str(r.path)
             st.switch_page("pages/3_refine.py")
-        if b[2].button("Evaluate", key=K.run_key("eval", r.name), icon=":material/school:"):
+        if b.button("Evaluate", key=K.run_key("eval", r.name), icon=":material/school:"):
             st.session_state[K.EVAL_RUNS] = [r.name]
             st.switch_page("pages/5_evaluate.py")
-        with b[3].popover("Delete", icon=":material/delete:"):
+        with b.popover("Delete", icon=":material/delete:"):
             st.write(f"Delete `{r.path}` and everything in it?")
             if st.button("Yes, delete", key=K.run_key("delete", r.name), type="primary"):
                 delete_run(r.path)

@@ -84,7 +84,8 @@ def image_grid(images: list[np.ndarray], captions: list[str] | None = None,
     if not images:
         st.info("No images to show.")
         return
-    st.image([upscale(im, px) for im in images], caption=captions, output_format="PNG")
+    big = [upscale(im, px) for im in images]
+    st.image(big, caption=captions, width=max(im.shape[1] for im in big), output_format="PNG")
 
 
 def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
@@ -96,7 +97,7 @@ def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
         cols[0].markdown(f"**{name}**")
         with cols[1]:
             if idx:
-                st.image([upscale(to_hwc(x01[i]), px) for i in idx], output_format="PNG")
+                image_grid([to_hwc(x01[i]) for i in idx], px=px)
             else:
                 st.caption("no images")
 

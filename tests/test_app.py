@@ -156,10 +156,13 @@ def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
     at = app(teacher_path, "4_compare", classes="circle")
     header = [m.value for m in at.markdown if m.value.startswith("**") and "  \n" in m.value]
     assert len(header) == len(list_methods()) + 1
+    quick = [m for m in list_methods() if m != "edf"]  # EDF first trains expert trajectories
+    at.multiselect(key="compare_methods").set_value(quick).run()
     at.button(key="compare_start").click().run()
     poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")), timeout=180)
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
-    assert len(at.dataframe[0].value) == len(list_methods()) + 1
+    assert at.dataframe[0].value["set"].tolist()[0] == "random real"
+    assert len(at.dataframe[0].value) == len(quick) + 1
     assert len(at.get("plotly_chart")) == 1
 
 

@@ -1,0 +1,229 @@
+"""Drive the app in a real browser (Debian's Chromium through Playwright) and take the README's
+screenshots. ``tests/test_browser.py`` and ``bench/ui_speed.py`` use the same helpers.
+
+Usage::
+
+    python scripts/screenshots.py            # writes docs/img/*.png (built-in dataset, shipped teacher)
+    python scripts/screenshots.py --out /tmp/shots --query "teacher=file&teacher_path=t.pt"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 1000}
+SHOT_VIEWPORT = {"width": 1400, "height": 1800}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(env: dict | None = None, port: int | None = None, timeout: float = 60.0):
+    """Start ``streamlit run app.py`` on a free localhost port; yield ``(base_url, started_at)``
+    (``time.perf_counter()`` just before the process starts); stop it afterwards."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
+           "--server.headless", "true", "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=1) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > end:
+                raise RuntimeError("streamlit did not start:\n" + (proc.stdout.read() or ""))
+            time.sleep(0.1)
+        yield base, t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def browser():
+    """A Playwright page in Debian's Chromium (``chromium`` on the PATH).
+
+    Raises:
+        FileNotFoundError: no ``chromium`` executable.
+    """
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        raise FileNotFoundError("chromium not found on PATH (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            page = b.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            b.close()
+
+
+def idle(page, timeout: float = 60.0) -> None:
+    """Wait until the app's script has finished running (twice in a row, 250 ms apart, so a
+    rerun that a widget triggered has started) and every image has loaded."""
+    done = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    for _ in range(2):
+        page.wait_for_timeout(250)
+        page.locator(done).wait_for(timeout=timeout * 1000)
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+
+
+def goto_page(page, title: str) -> None:
+    """Click a page in the sidebar navigation and wait for its title."""
+    page.get_by_role("link", name=title, exact=True).first.click()
+    page.get_by_role("heading", name=title, exact=True).first.wait_for()
+    idle(page)
+
+
+def slider(page, label: str):
+    """The thumb of the slider whose label contains ``label``."""
+    return page.locator('[data-testid="stSlider"]').filter(has_text=label).get_by_role("slider")
+
+
+def metric_value(page, label: str) -> str:
+    m = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+    return m.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+JS_IMAGE_AFTER_CAPTION = """(text) => {
+  const blocks = [...document.querySelectorAll('[data-testid="stElementContainer"]')];
+  const i = blocks.findIndex(b => b.innerText.trim().startsWith(text));
+  if (i < 0 || i + 1 >= blocks.length) return null;
+  const img = blocks[i + 1].querySelector('img');
+  return img ? img.src : null;
+}"""
+
+
+def image_after(page, caption: str) -> str | None:
+    """``src`` of the first image drawn right after the caption starting with ``caption``."""
+    return page.evaluate(JS_IMAGE_AFTER_CAPTION, caption)
+
+
+def choose_class(page, name: str) -> None:
+    """Pick ``name`` in the Setup page's class multiselect."""
+    box = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Classes to explore")
+    box.locator("input").click()
+    page.keyboard.type(name)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    idle(page)
+
+
+def watch_live_image(page, changes: int, timeout: float = 60.0) -> list[tuple[float, str]]:
+    """Poll the Refine page's first current image until its ``src`` changed ``changes`` times;
+    returns ``(time, src)`` of each distinct value seen."""
+    seen: list[tuple[float, str]] = []
+    end = time.time() + timeout
+    while time.time() < end:
+        src = image_after(page, "Current images")
+        if src and (not seen or seen[-1][1] != src):
+            seen.append((time.perf_counter(), src))
+            if len(seen) > changes:
+                return seen
+        page.wait_for_timeout(50)
+    raise TimeoutError(f"live image changed {max(0, len(seen) - 1)} times in {timeout} s")
+
+
+def walk(page, base: str, query: str = "", shots: Path | None = None,
+         iterations: int | None = None) -> dict:
+    """The user walk: Setup (choose a class) -> Explorer (move tau) -> Refine (start, watch the
+    images change twice, stop) -> Compare -> Evaluate -> Runs, with a screenshot of each page
+    when ``shots`` is a folder. Returns a few observations for tests."""
+    out: dict = {}
+
+    def shot(name: str) -> None:
+        if shots is not None:
+            idle(page)
+            shots.mkdir(parents=True, exist_ok=True)
+            page.set_viewport_size(SHOT_VIEWPORT)  # Streamlit scrolls inside the page: no full_page
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(shots / f"{name}.png"))
+            page.set_viewport_size(VIEWPORT)
+
+    page.goto(f"{base}/{'?' + query if query else ''}")
+    page.get_by_role("heading", name="Setup", exact=True).wait_for()
+    idle(page)
+    choose_class(page, "circle")
+    out["url_after_class"] = page.url
+    shot("setup")
+
+    goto_page(page, "Grad-CAM explorer")
+    before = metric_value(page, "Non-critical share")
+    thumb = slider(page, "tau")
+    thumb.focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    idle(page)
+    page.wait_for_function(
+        "(b) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "m.innerText.includes('Non-critical share') && !m.innerText.includes(b))", arg=before)
+    out["noncritical"] = (before, metric_value(page, "Non-critical share"))
+    shot("explorer")
+
+    goto_page(page, "Refine live")
+    if iterations is not None:
+        box = page.locator('[data-testid="stNumberInput"]').filter(has_text="iterations").first
+        box.locator("input").fill(str(iterations))
+        box.locator("input").press("Enter")
+        idle(page)
+    page.get_by_role("button", name="Start refinement").click()
+    out["live"] = watch_live_image(page, changes=2)
+    page.get_by_role("button", name="Stop run").click()
+    page.get_by_text("Stopped on request").wait_for()
+    idle(page)
+    shot("refine")
+    page.get_by_role("button", name="Save run").click()
+    page.get_by_text("Saved to").wait_for()
+
+    for title in ("Compare", "Evaluate", "Runs"):
+        goto_page(page, title)
+        shot(title.lower())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--query", default="", help="URL query of the setup (default: built-in)")
+    ap.add_argument("--tiny", action="store_true", help="NRRDD_STUDIO_TINY=1")
+    args = ap.parse_args(argv)
+    env = {"NRRDD_STUDIO_TINY": "1"} if args.tiny else {}
+    with serve(env) as (base, _), browser() as page:
+        walk(page, base, args.query, shots=args.out)
+    print(f"screenshots in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

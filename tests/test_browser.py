@@ -1,0 +1,43 @@
+"""Real-browser walk: Streamlit server + Debian's Chromium driven by Playwright.
+
+Skipped (with the reason) when ``chromium`` or the ``playwright`` package is missing. Uses the
+same code as ``scripts/screenshots.py`` (the README's screenshots).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from test_app import tiny_teacher
+
+pytestmark = pytest.mark.browser
+REPO = Path(__file__).resolve().parents[1]
+
+if shutil.which("chromium") is None:
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)",
+                allow_module_level=True)
+if importlib.util.find_spec("playwright") is None:
+    pytest.skip("the playwright package is not installed", allow_module_level=True)
+
+spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
+shots = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shots)
+
+
+def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
+    teacher = tiny_teacher(tmp_path / "tiny.pt")
+    env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp_path / "runs"),
+           "NRRDD_CACHE": str(tmp_path / "cache")}
+    query = urlencode({"teacher": "file", "teacher_path": str(teacher)})
+    with shots.serve(env) as (base, _), shots.browser() as page:
+        out = shots.walk(page, base, query, shots=tmp_path / "shots", iterations=3000)
+    assert "classes=circle" in out["url_after_class"]  # the setup is kept in the URL
+    assert out["noncritical"][0] != out["noncritical"][1]
+    assert len({src for _, src in out["live"]}) >= 3  # the live image changed at least twice
+    assert (tmp_path / "shots" / "refine.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "runs").iterdir())) == 1
