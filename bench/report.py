@@ -1,0 +1,150 @@
+"""docs/RESULTS.md from the benchmark JSON files in bench/results/ (``bench/accuracy.py --report``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import common
+
+RESULTS_MD = common.REPO / "docs" / "RESULTS.md"
+
+
+def _pm(row: dict) -> str:
+    if row.get("mean") is None:
+        return "-"
+    s = f"{row['mean']:.1f}"
+    if row["n"] > 1:
+        s += f" ± {row['std']:.1f}"
+    return s + f" (n={row['n']})"
+
+
+def _secs(v) -> str:
+    return f"{sum(v) / len(v):.0f}" if v else "-"
+
+
+def _cmd(doc: dict) -> str:
+    return "`" + doc["command"].replace("python ", "") + "`"
+
+
+def _machine(m: dict) -> str:
+    s = f"device {m['device']}, torch {m['torch']}, {m['torch_threads']} torch threads on {m['cpu_count']} CPUs"
+    if m.get("gpu"):
+        s += f" ({m['gpu']})"
+    if m.get("loadavg"):
+        s += f", load average {m['loadavg'][0]:.1f} at start"
+    if m.get("loadavg_now"):
+        s += f", {m['loadavg_now'][0]:.1f} at the last update"
+    return s
+
+
+def accuracy_markdown(doc: dict) -> str:
+    """The accuracy tables of one ``accuracy_<budget>.json`` document."""
+    cmd = _cmd(doc)
+    out = [f"### Budget `{doc['budget']}` ({doc['status']})", "",
+           f"Command: {cmd}. Machine: {_machine(doc['machine'])}. Wall time so far: "
+           f"{doc.get('elapsed_s', 0) / 60:.0f} min (cached units excluded).", "", doc.get("note", ""), ""]
+    teachers = doc.get("teachers", {})
+    if teachers:
+        out += ["Teachers (top-1 on the full JPEG test split):", "",
+                common.md_table(["teacher", "how", "epochs", "test top-1 %", "train s"],
+                                [[k, v["source"], v.get("epochs", "-"), f"{100 * v['test_acc']:.2f}",
+                                  f"{v['train_seconds']:.0f}" if v.get("train_seconds") else "-"]
+                                 for k, v in teachers.items()]), ""]
+    if doc.get("experts"):
+        e = doc["experts"]
+        c = e["config"]
+        out += [f"EDF experts: {c['num_experts']} ConvNet-IN (width {c['width']}) x {c['epochs']} epochs "
+                f"on {c['train_per_class'] or 'all'} images per class, ZCA {c['zca']}; expert test "
+                f"top-1 {', '.join(f'{100 * a:.1f}' for a in e['test_accs'])} %; {e['seconds']:.0f} s.", ""]
+    rows = doc.get("rows", [])
+    comp = [r for r in rows if r["table"] == "comparison"]
+    if comp:
+        out += ["**Comparison** (same teacher, classes and seeds; distillation seed s evaluated with "
+                "student seed s; top-1 % on the 10,000 JPEG test images, mean ± sample std over seeds):", "",
+                common.md_table(
+                    ["command", "teacher", "IPC", "method", "budget", "protocol / student",
+                     "student epochs", "top-1 % (ours)", "per seed", "distill s", "published (SPEC 5)"],
+                    [[cmd, r["teacher"], r["ipc"], r["method"],
+                      ", ".join(f"{k} {v}" for k, v in r.get("method_budget", {}).items()) or "-",
+                      f"{r['protocol']} / {r['student']}", r["eval_epochs"], _pm(r),
+                      " / ".join(f"{a:.1f}" for a in r["accs"]), _secs(r.get("distill_seconds")),
+                      r.get("published", "-")] for r in comp]), ""]
+    tau = [r for r in rows if r["table"] in ("nrrdd_tau", "nrrdd_mask")]
+    if tau:
+        out += ["**NRR-DD threshold and mask mode** (KD protocol, one seed; published column: "
+                "ImageNette IPC 10, ResNet-18, NRR-DD paper):", "",
+                common.md_table(["command", "teacher", "IPC", "tau", "mask", "student epochs", "top-1 %",
+                                 "published"],
+                                [[cmd, r["teacher"], r["ipc"], r["tau"], r["mask_mode"], r["eval_epochs"],
+                                  _pm(r), r.get("published") or "-"] for r in tau]), ""]
+    lab = [r for r in rows if r["table"] == "labels"]
+    if lab:
+        out += ["**NRR-DD labels** (KD protocol, one seed; bytes of the label files actually written "
+                "for all student epochs; crop/mix parameters, needed by soft and DBR replay alike, "
+                "counted apart; paper arithmetic N x epochs x C or x 2 values in fp16):", "",
+                common.md_table(["command", "teacher", "IPC", "labels", "student epochs", "top-1 %",
+                                 "label bytes", "aug-param bytes", "paper arithmetic bytes"],
+                                [[cmd, r["teacher"], r["ipc"], r["label_mode"], r["eval_epochs"], _pm(r),
+                                  r["label_bytes"], r["aug_param_bytes"], r.get("paper_bytes") or "-"]
+                                 for r in lab]), ""]
+    grid = [r for r in rows if r["table"] == "edf_grid"]
+    if grid:
+        out += ["**EDF alpha (CPD) x beta (DAE)** (EDF protocol, one seed; alpha = beta = 0 is plain DATM):", "",
+                common.md_table(["command", "teacher (DAE CAM)", "IPC", "iterations", "alpha", "beta",
+                                 "student epochs", "top-1 %"],
+                                [[cmd, r["teacher"], r["ipc"], r["iterations"], r["alpha"], r["beta"],
+                                  r["eval_epochs"], _pm(r)] for r in grid]), ""]
+    return "\n".join(out)
+
+
+def speed_markdown(doc: dict) -> str:
+    import speed
+
+    out = [f"Command: {_cmd(doc)}. Machine: {_machine(doc['machine'])}.", "",
+           speed.markdown(doc["results"], doc["target_ratio"]), ""]
+    prof = [r for r in doc["results"] if r.get("profile")]
+    for r in prof:
+        top = ", ".join(f"{p['function']} {1000 * p['own_s']:.1f} ms" for p in r["profile"][:6])
+        out += [f"- {r['size']}/{r['label']} (ratio {r['ratio']:.2f}): most own time per step in {top}."]
+    return "\n".join(out + [""])
+
+
+HEADER = """# Benchmark results
+
+Measured by the project's own scripts (`bench/speed.py`, `bench/accuracy.py`); this file is
+generated from `bench/results/*.json` by `python bench/accuracy.py --report`.
+
+**Data.** CIFAR-10 from `../shared/data`: 20,000 training images (2,000 per class, a
+class-balanced subset of the 50,000) and the full 10,000-image test set, both decoded from a JPEG
+copy (quality 75; mean absolute error 5.8/255 against the original pixels). Teachers and students
+are trained and tested within that JPEG domain. The published figures (SPEC section 5) were
+obtained on the original 50,000 training images at full budgets, so they are an orientation, not
+a target for the reduced budgets below. The pretrained ResNet-20 was trained on original pixels
+(91.6 % there, about 81 % on the JPEG test set).
+"""
+
+
+def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULTS_MD) -> Path:
+    """Regenerate ``docs/RESULTS.md`` from every ``speed_*.json`` and ``accuracy_*.json``."""
+    parts = [HEADER]
+    speeds = sorted(results_dir.glob("speed_*.json"))
+    if speeds:
+        parts += ["## Speed and memory per step", "",
+                  "Seconds per `step()` (median of interleaved repetitions after warm-up), next to "
+                  "the physical floor measured in the same process on the same shapes: a bare "
+                  "teacher forward + backward on the same batch (SRe2L, NRR-DD refinement), a bare "
+                  "teacher forward on the same number of padded crops (RDED), a bare functional "
+                  "unroll of the same syn_steps + its backward (EDF). Target ratio <= 1.15. Peak "
+                  "RSS is the process's peak during the timed steps (data, teacher and torch "
+                  "included). Timings on a shared machine are noisy: the load average is given.", ""]
+        for p in speeds:
+            parts.append(speed_markdown(json.loads(p.read_text())))
+    accs = sorted(results_dir.glob("accuracy_*.json"))
+    if accs:
+        parts += ["## Accuracy of the distilled sets", ""]
+        for p in accs:
+            doc = json.loads(p.read_text())
+            if doc["budget"] != "tiny":
+                parts.append(accuracy_markdown(doc))
+    return common.write_text(path, "\n".join(parts).rstrip() + "\n")
