@@ -191,3 +191,42 @@ def test_evaluate_trains_a_student_on_a_saved_run(teacher_path, tmp_path):
     poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
     rows = at.dataframe[0].value
     assert rows["run"].tolist() == ["tiny_run"] and 0 <= rows["final_acc"][0] <= 100
+
+
+def test_setup_trains_a_teacher_with_progress(monkeypatch):
+    at = app(None)
+    at.radio(key="teacher").set_value("train").run()
+    at.selectbox(key="train_arch").set_value("convnet_bn").run()
+    at.button(key="train_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
+    assert progress_text(at).startswith("done"), [e.value for e in at.error]
+    assert at.session_state["teacher_path"].endswith(".pt")
+    assert "%" in metric(at, "Test accuracy")
+
+
+def test_two_sessions_refine_independently(teacher_path):
+    a = app(teacher_path, "3_refine", classes="circle", seed=0)
+    b = app(teacher_path, "3_refine", classes="circle", seed=1)
+    for at in (a, b):
+        at.button(key="refine_start").click().run()
+    for at in (a, b):
+        poll(at, lambda x: progress_text(x).startswith(("done", "error")))
+        assert progress_text(at).startswith("done")
+    assert a.session_state["refine_job"] != b.session_state["refine_job"]
+    assert a.image[0].value != b.image[0].value  # different seeds, different images
+
+
+def test_refine_pause_and_stop_act_between_steps(teacher_path):
+    at = app(teacher_path, "3_refine", classes="circle")
+    at.number_input(key="knob.nrrdd.iterations").set_value(100000).run()
+    at.button(key="refine_start").click().run()
+    poll(at, lambda a: " 0/" not in progress_text(a) and progress_text(a).startswith("running"))
+    at.button(key="refine_pause").click().run()
+    time.sleep(0.5)  # a step in flight may still finish
+    steps = at.run().get("progress")[0].proto.text.split(" · ")[1]
+    time.sleep(1.0)
+    assert progress_text(at.run()).startswith("paused")
+    assert at.get("progress")[0].proto.text.split(" · ")[1] == steps
+    at.button(key="refine_stop").click().run()
+    poll(at, lambda a: progress_text(a).startswith("stopped"), timeout=10)
+    assert at.button(key="save_run")  # the partial result can be saved

@@ -1,0 +1,113 @@
+"""UI speed of the Streamlit app, measured in a real browser (Debian's Chromium via Playwright).
+
+Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 classes):
+
+1. seconds from starting ``streamlit run`` to the Grad-CAM explorer showing its CAM grid
+   (target <= 5 s on 2 cores); the dataset's disk cache is warmed first (one-time generation);
+2. UI updates per second during live NRR-DD refinement: distinct values of the first live image
+   per second over a window in the refinement phase (target >= 2);
+3. seconds from a tau key press to the explorer's 40 images redrawn (target <= 0.5 s), median
+   of several presses.
+
+Usage: ``python bench/ui_speed.py [--query "teacher=file&teacher_path=..."] [--window 10]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
+shots = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(shots)
+
+CAM_GRID_READY = """() => {
+  const imgs = [...document.querySelectorAll('[data-testid="stImage"] img, img')];
+  const caps = document.body.innerText.match(/non-crit\\./g) || [];
+  return caps.length >= 40 && imgs.length >= 40 && imgs.every(i => i.complete);
+}"""
+
+
+def time_to_explorer(query: str) -> float:
+    with shots.serve() as (base, t0), shots.browser() as page:
+        page.goto(f"{base}/explorer{'?' + query if query else ''}")
+        page.wait_for_function(CAM_GRID_READY, timeout=120_000)
+        return time.perf_counter() - t0
+
+
+REDRAWN = """(before) => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
+    .find(e => e.innerText.includes('Non-critical share'));
+  return app.dataset.testScriptState === 'notRunning' && m && !m.innerText.includes(before)
+    && [...document.images].every(i => i.complete);
+}"""
+
+
+def tau_redraw(page, presses: int = 6) -> list[float]:
+    """Seconds from a tau key press (ArrowRight / ArrowLeft alternately, 0.05 steps) until the
+    explorer shows the new non-critical share, the script is idle and every image has loaded."""
+    out = []
+    thumb = shots.slider(page, "tau")
+    for k in range(presses):
+        before = shots.metric_value(page, "Non-critical share")
+        thumb.focus()
+        t0 = time.perf_counter()
+        page.keyboard.press("ArrowRight" if k % 2 == 0 else "ArrowLeft")
+        page.wait_for_function(REDRAWN, arg=before, polling=10)
+        out.append(time.perf_counter() - t0)
+        shots.idle(page)
+    return out
+
+
+def live_rate(page, window: float) -> dict:
+    """Distinct live images per second over ``window`` seconds of the refinement phase."""
+    shots.goto_page(page, "Refine live")
+    page.get_by_role("button", name="Start refinement").click()
+    page.locator('[data-testid="stMetric"]').filter(has_text="Phase").filter(
+        has_text="refine").wait_for(timeout=300_000)
+    t0 = time.perf_counter()
+    seen, last = 0, None
+    while time.perf_counter() - t0 < window:
+        src = shots.image_after(page, "Current images")
+        if src and src != last:
+            seen += last is not None
+            last = src
+        page.wait_for_timeout(20)
+    steps = shots.metric_value(page, "Steps per second")
+    page.get_by_role("button", name="Stop run").click()
+    return {"updates_per_s": seen / window, "steps_per_s": steps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--query", default="", help="setup as a URL query (default: built-in)")
+    ap.add_argument("--window", type=float, default=10.0, help="seconds of live refinement watched")
+    args = ap.parse_args(argv)
+
+    from nrrdd_core.data import load_dataset
+    load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
+
+    res = {"start_to_explorer_s": [time_to_explorer(args.query) for _ in range(3)]}
+    with shots.serve() as (base, _), shots.browser() as page:
+        page.goto(f"{base}/explorer{'?' + args.query if args.query else ''}")
+        page.wait_for_function(CAM_GRID_READY, timeout=120_000)
+        shots.idle(page)
+        res["tau_redraw_40_images_s"] = tau_redraw(page)
+        res["live"] = live_rate(page, args.window)
+    res["summary"] = {
+        "start_to_explorer_s (median of 3)": round(statistics.median(res["start_to_explorer_s"]), 2),
+        "tau_redraw_s (median)": round(statistics.median(res["tau_redraw_40_images_s"]), 3),
+        "ui_updates_per_s": round(res["live"]["updates_per_s"], 2),
+    }
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
