@@ -4,8 +4,8 @@ issue 2 section 2).
 Each image shows one object (circle, triangle, square, pentagon, hexagon, star, cross, ring,
 crescent, arrow) of random colour, size (35-60 % of the side), position and rotation, drawn
 anti-aliased (4x supersampled mask, box-downsampled with Pillow) and fully inside the frame, on a
-cluttered background shared by all classes: a smooth two-colour gradient, a texture (stripes,
-checks, smooth noise or none) and 1-3 soft-edged irregular distractor blobs whose colours come
+cluttered background shared by all classes: a smooth gradient between two muted colours
+(RGB in [0.2, 0.8]), a texture (stripes, checks, smooth noise or none) and 1-3 soft-edged irregular distractor blobs whose colours come
 from the same distribution as the objects' colours. The object colour is chosen far from the
 mean background colour around it, so the object is the only discriminative region.
 
@@ -35,20 +35,20 @@ from .base import DataConfig, DatasetBundle, ImageSplit
 log = logging.getLogger(__name__)
 
 #: Bump when the drawing changes: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring",
                "crescent", "arrow")
 
 #: Per-channel mean/std of [0, 1] pixels, measured once on the default train split
 #: (seed 0, 500 per class, 32 px); fixed so every shapes variant shares one DataConfig.
-MEAN = (0.4975, 0.4992, 0.5022)
-STD = (0.2251, 0.2326, 0.2238)
+MEAN = (0.4991, 0.4995, 0.5015)
+STD = (0.1690, 0.1802, 0.1648)
 
 _SUPERSAMPLE = 4
 _SPLIT_IDS = {"train": 0, "test": 1}
 _MIN_CONTRAST = 0.6  # Euclidean RGB distance in [0, 1] units between object and surroundings
-_MIN_LUMA = 0.25  # luminance difference in [0, 1] units between object and surroundings
+_MIN_LUMA = 0.3  # luminance difference in [0, 1] units between object and surroundings
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -109,13 +109,18 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xx, yy
 
 
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    """A background colour: RGB in [0.2, 0.8] (objects and blobs use all of [0, 1])."""
+    return 0.2 + 0.6 * rng.random(3, dtype=np.float32)
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Gradient + texture + 1-3 distractor blobs, ``(size, size, 3)`` float32 in [0, 1]."""
     xx, yy = _grid(size)
     a = rng.uniform(0, 2 * np.pi)
     t = (xx * math.cos(a) + yy * math.sin(a))
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
-    c0, c1 = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
+    c0, c1 = _muted(rng), _muted(rng)
     img = c0 + (c1 - c0) * t[..., None]
 
     kind = rng.integers(4)
@@ -135,14 +140,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     else:
         pat = None
     if pat is not None:
-        amp = rng.uniform(0.1, 0.3)
-        c2 = rng.random(3, dtype=np.float32)
+        amp = rng.uniform(0.1, 0.25)
+        c2 = _muted(rng)
         m = (amp * pat)[..., None]
         img = img * (1 - m) + c2 * m
 
     for _ in range(int(rng.integers(1, 4))):
         bx, by = rng.uniform(0, size, 2)
-        rad = rng.uniform(0.12, 0.3) * size
+        rad = rng.uniform(0.1, 0.22) * size
         aspect = rng.uniform(0.5, 1.0)
         rot = rng.uniform(0, 2 * np.pi)
         u = ((xx - bx) * math.cos(rot) + (yy - by) * math.sin(rot)) / rad
@@ -150,8 +155,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         theta = np.arctan2(v, u)
         edge = (1 + rng.uniform(0, 0.25) * np.sin(2 * theta + rng.uniform(0, 6.3))
                 + rng.uniform(0, 0.2) * np.sin(3 * theta + rng.uniform(0, 6.3)))
-        soft = rng.uniform(0.4, 0.8)
-        alpha = np.clip((edge - np.hypot(u, v)) / soft + 0.5, 0, 1) * rng.uniform(0.6, 1.0)
+        soft = rng.uniform(0.5, 1.0)
+        alpha = np.clip((edge - np.hypot(u, v)) / soft + 0.5, 0, 1) * rng.uniform(0.5, 0.9)
         img = img * (1 - alpha[..., None]) + rng.random(3, dtype=np.float32) * alpha[..., None]
     return img
 

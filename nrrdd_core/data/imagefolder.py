@@ -1,0 +1,266 @@
+"""``imagefolder`` (any ``root/<class>/<image>`` tree) and ``imagenet_subset`` (10-class
+ImageNet-1k subsets, SPEC section 6).
+
+Every image is decoded with Pillow, converted to RGB (grayscale, palette, CMYK; images with
+transparency are composited onto white), resized so that its shorter side is ``image_size`` and
+centre-cropped to ``image_size x image_size``. Unreadable files are skipped with a warning and
+counted in ``bundle.source["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from ..errors import ConfigError, DataError
+from . import register_dataset
+from .base import DataConfig, DatasetBundle, ImageSplit
+from .npz import channel_stats
+
+log = logging.getLogger(__name__)
+
+#: ImageNet-1k class indices of the 10-class subsets, in their published order (SPEC section 6).
+IMAGENET_SUBSETS = {
+    "imagenette": (0, 217, 482, 491, 497, 566, 569, 571, 574, 701),
+    "imagewoof": (193, 182, 258, 162, 155, 167, 159, 273, 207, 229),
+    "imagemeow": (281, 282, 283, 284, 285, 291, 292, 290, 289, 287),
+    "imagesquawk": (84, 130, 88, 144, 145, 22, 96, 9, 100, 89),
+    "imageyellow": (309, 986, 954, 951, 987, 779, 599, 291, 72, 11),
+    "imagefruit": (953, 954, 949, 950, 951, 957, 952, 945, 943, 948),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Sample = tuple[str, int]
+
+
+def load_rgb(path: str | Path, size: int) -> np.ndarray:
+    """One image file -> ``uint8 (size, size, 3)`` RGB: shorter side resized to ``size``
+    (bicubic), centre crop; transparency composited onto white.
+
+    Raises:
+        OSError, ValueError, SyntaxError: unreadable or corrupt file (Pillow's errors).
+    """
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size (faster)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _read(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode ``samples``; returns ``uint8 (N,size,size,3)``, labels ``(N,)`` and the skipped paths."""
+
+    def one(path: str):
+        try:
+            return load_rgb(path, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        imgs = list(pool.map(one, [p for p, _ in samples]))
+    ok = [i for i, im in enumerate(imgs) if im is not None]
+    x = np.stack([imgs[i] for i in ok]) if ok else np.empty((0, size, size, 3), np.uint8)
+    y = np.array([samples[i][1] for i in ok], dtype=np.int64)
+    return x, y, [samples[i][0] for i, im in enumerate(imgs) if im is None]
+
+
+def _samples(folder: Path, class_to_idx: dict[str, int]) -> list[Sample]:
+    return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+
+
+def _cap(samples: list[Sample], max_per_class: int | None, gen: torch.Generator) -> list[Sample]:
+    """A seeded random choice of at most ``max_per_class`` samples of each class (sorted order kept)."""
+    if max_per_class is None:
+        return samples
+    keep: list[Sample] = []
+    for c in sorted({lab for _, lab in samples}):
+        mine = [s for s in samples if s[1] == c]
+        pick = torch.randperm(len(mine), generator=gen)[:max_per_class].sort().values
+        keep += [mine[i] for i in pick.tolist()]
+    return keep
+
+
+def _split(samples: list[Sample], test_fraction: float, gen: torch.Generator):
+    """Per-class seeded split: ``round(n * test_fraction)`` test images (at least 1 when
+    ``n >= 2`` and ``test_fraction > 0``, at least 1 train image)."""
+    train: list[Sample] = []
+    test: list[Sample] = []
+    for c in sorted({lab for _, lab in samples}):
+        mine = [s for s in samples if s[1] == c]
+        n_test = round(len(mine) * test_fraction)
+        if test_fraction > 0 and len(mine) >= 2:
+            n_test = min(max(n_test, 1), len(mine) - 1)
+        perm = torch.randperm(len(mine), generator=gen).tolist()
+        test += [mine[i] for i in sorted(perm[:n_test])]
+        train += [mine[i] for i in sorted(perm[n_test:])]
+    return train, test
+
+
+def _classes(folder: Path) -> tuple[list[str], dict[str, int]]:
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    try:
+        return find_classes(str(folder))
+    except FileNotFoundError as exc:
+        raise DataError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>") from exc
+
+
+def _check_nonempty(split: ImageSplit, folder: Path, classes: list[str]) -> None:
+    counts = split.counts(len(classes))
+    empty = [classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+    if empty:
+        raise DataError(f"no readable images in {folder / empty[0]}"
+                        f"{f' (and {len(empty) - 1} more class folders)' if len(empty) > 1 else ''}; "
+                        f"each class folder needs at least one image ({', '.join(IMG_EXTENSIONS)})")
+
+
+def _bundle(train: list[Sample], test: list[Sample], size: int, cfg_fn, train_folder: Path,
+            classes: list[str], source: dict) -> DatasetBundle:
+    x_tr, y_tr, skip_tr = _read(train, size)
+    x_te, y_te, skip_te = _read(test, size)
+
+    def split(x, y):
+        return ImageSplit(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                          torch.from_numpy(y))
+
+    train_split = split(x_tr, y_tr)
+    _check_nonempty(train_split, train_folder, classes)
+    skipped = skip_tr + skip_te
+    if skipped:
+        log.warning("skipped %d unreadable image(s) under %s", len(skipped), source["root"])
+    return DatasetBundle(train_split, split(x_te, y_te), cfg_fn(x_tr),
+                         source={**source, "skipped": len(skipped), "skipped_files": skipped[:20]})
+
+
+def _check_size(image_size: int) -> int:
+    if not 8 <= int(image_size) <= 1024:
+        raise ConfigError(f"image_size must be in [8, 1024] px; got {image_size}")
+    return int(image_size)
+
+
+@register_dataset("imagefolder")
+def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int | None = None,
+                     test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
+    """Any ImageFolder tree as a dataset.
+
+    Layouts: ``root/train/<class>/*`` plus ``root/val/<class>/*`` (or ``root/test/``) give the
+    two splits (classes from ``train/``; a ``val`` class not in ``train`` is an error);
+    otherwise ``root/<class>/*`` is split per class with ``seed`` (``test_fraction`` to test).
+    Classes are the sorted folder names (torchvision ``find_classes``).
+
+    Args:
+        root: the tree.
+        image_size: output side in pixels (shorter side resized, centre crop).
+        max_per_class: keep at most this many images per class (and per split in the
+            train/val layout), a seeded random choice; ``None`` keeps all.
+        test_fraction: share of each class sent to the test split, in [0, 1).
+        seed: seed of the split and of the ``max_per_class`` choice.
+
+    Returns:
+        A :class:`DatasetBundle` of ``uint8 (N,3,S,S)`` images; ``config.name`` =
+        ``"imagefolder"``, mean/std of the train split; ``source["skipped"]`` = number of
+        unreadable files skipped.
+
+    Raises:
+        DataError: missing root, no class folders, a class without readable images.
+        ConfigError: ``image_size`` or ``test_fraction`` out of range.
+    """
+    size = _check_size(image_size)
+    if not 0 <= float(test_fraction) < 1:
+        raise ConfigError(f"test_fraction must be in [0, 1); got {test_fraction}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    gen = torch.Generator().manual_seed(int(seed))
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:
+        train_dir = root / "train"
+        classes, class_to_idx = _classes(train_dir)
+        extra = sorted(set(_classes(val_dir)[0]) - set(classes))
+        if extra:
+            raise DataError(f"{val_dir} has class folders not in {train_dir}: {', '.join(extra[:5])}")
+        train = _cap(_samples(train_dir, class_to_idx), max_per_class, gen)
+        test = _cap(_samples(val_dir, class_to_idx), max_per_class, gen)
+    else:
+        train_dir = root
+        classes, class_to_idx = _classes(root)
+        samples = _cap(_samples(root, class_to_idx), max_per_class, gen)
+        train, test = _split(samples, float(test_fraction), gen)
+
+    def cfg(x_tr):
+        mean, std = channel_stats(x_tr)
+        return DataConfig("imagefolder", size, mean, std, tuple(classes))
+
+    return _bundle(train, test, size, cfg, train_dir, classes,
+                   {"dataset": "imagefolder", "root": str(root), "seed": int(seed),
+                    "split": "folders" if train_dir != root else f"random {test_fraction}"})
+
+
+@register_dataset("imagenet_subset")
+def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_size: int = 128,
+                         max_per_class: int | None = None) -> DatasetBundle:
+    """A 10-class ImageNet-1k subset (SPEC section 6) read from a full ImageNet tree.
+
+    ``root/train`` must hold the 1000 wnid folders; class index = position in their sorted list
+    (torchvision ``ImageFolder`` order). The test split comes from ``root/val/<wnid>`` (class
+    folders, e.g. after the usual val-prep script); without ``root/val`` it is empty (warning).
+    Labels ``0..9`` follow SPEC section 6's order; ``class_map`` holds the ImageNet indices;
+    class names are torchvision's ImageNet category names.
+
+    Args:
+        root: the ImageNet folder (with ``train/`` and optionally ``val/``).
+        subset: one of :data:`IMAGENET_SUBSETS`.
+        image_size: output side in pixels.
+        max_per_class: at most this many images per class and split (seeded choice, seed 0).
+
+    Returns:
+        A :class:`DatasetBundle`; ``config.name`` = ``subset``, ImageNet mean/std.
+
+    Raises:
+        ConfigError: unknown subset.
+        DataError: ``root/train`` missing or without exactly 1000 class folders, a ``val/``
+        without a subset's wnid folder, a class without readable images.
+    """
+    from torchvision.models import ResNet18_Weights
+
+    if subset not in IMAGENET_SUBSETS:
+        raise ConfigError(f"unknown ImageNet subset {subset!r}; valid: {', '.join(IMAGENET_SUBSETS)}")
+    size = _check_size(image_size)
+    root = Path(root).expanduser()
+    train_dir, val_dir = root / "train", root / "val"
+    wnids, _ = _classes(train_dir)
+    if len(wnids) != 1000:
+        raise DataError(f"{train_dir} has {len(wnids)} class folders; imagenet_subset needs the "
+                        "1000 ImageNet-1k wnid folders (use 'imagefolder' for other trees)")
+    indices = IMAGENET_SUBSETS[subset]
+    chosen = [wnids[i] for i in indices]
+    class_to_idx = {w: k for k, w in enumerate(chosen)}
+    gen = torch.Generator().manual_seed(0)
+    train = _cap(_samples(train_dir, class_to_idx), max_per_class, gen)
+    if val_dir.is_dir():
+        missing = [w for w in chosen if not (val_dir / w).is_dir()]
+        if missing:
+            raise DataError(f"{val_dir / missing[0]} not found: arrange {val_dir} into wnid class "
+                            "folders (as train/) or remove it")
+        test = _cap(_samples(val_dir, class_to_idx), max_per_class, gen)
+    else:
+        log.warning("no %s: the %s test split is empty", val_dir, subset)
+        test = []
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    names = tuple(categories[i] for i in indices)
+    bundle = _bundle(train, test, size,
+                     lambda _x: DataConfig(subset, size, IMAGENET_MEAN, IMAGENET_STD, names),
+                     train_dir, chosen, {"dataset": "imagenet_subset", "root": str(root),
+                                         "subset": subset, "wnids": chosen})
+    bundle.class_map = indices
+    return bundle
