@@ -1,7 +1,10 @@
 """NRR-DD Studio: a browser workbench for dataset distillation.
 
-Run with ``streamlit run app.py`` (or ``make run``). The pages live in ``pages/``; the shared UI
-code in ``studio/``; all computation in ``nrrdd_core``.
+Run with ``streamlit run app.py`` (or ``make run``). The pages live in ``app_pages/``, not
+``pages/``: Streamlit runs a ``pages/`` folder next to the main script in its old multipage mode,
+where a deep link such as ``/explorer`` on a fresh server would run that page without this file
+(no navigation, no setup from the URL). The shared UI code is in ``studio/``; all computation in
+``nrrdd_core``.
 """
 
 import streamlit as st
@@ -14,14 +17,14 @@ setup.init_session()
 setup.write_url()
 
 page = st.navigation([
-    st.Page("pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",
+    st.Page("app_pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",
             default=True),
-    st.Page("pages/2_explorer.py", title="Grad-CAM explorer", icon=":material/visibility:",
+    st.Page("app_pages/2_explorer.py", title="Grad-CAM explorer", icon=":material/visibility:",
             url_path="explorer"),
-    st.Page("pages/3_refine.py", title="Refine live", icon=":material/auto_fix_high:",
+    st.Page("app_pages/3_refine.py", title="Refine live", icon=":material/auto_fix_high:",
             url_path="refine"),
-    st.Page("pages/4_compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
-    st.Page("pages/5_evaluate.py", title="Evaluate", icon=":material/school:", url_path="evaluate"),
-    st.Page("pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+    st.Page("app_pages/4_compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page("app_pages/5_evaluate.py", title="Evaluate", icon=":material/school:", url_path="evaluate"),
+    st.Page("app_pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
 page.run()

@@ -26,7 +26,7 @@ def require_context(with_teacher: bool = True) -> Context:
         ctx = context(with_teacher)
     except (NrrddError, KeyError) as exc:
         st.error(f"The setup cannot be used: {exc}")
-        st.page_link("pages/1_setup.py", label="Fix it on the Setup page", icon=":material/tune:")
+        st.page_link("app_pages/1_setup.py", label="Fix it on the Setup page", icon=":material/tune:")
         st.stop()
     setup_caption(ctx)
     return ctx
@@ -58,7 +58,7 @@ def to_hwc(x01) -> np.ndarray:
 
 def upscale(img: np.ndarray, px: int = TILE_PX) -> np.ndarray:
     """Nearest-neighbour upscale of a uint8 ``(H,W,3)`` image to about ``px`` pixels wide."""
-    k = max(1, px // img.shape[1])
+    k = max(1, round(px / img.shape[1]))
     return np.repeat(np.repeat(img, k, 0), k, 1) if k > 1 else img
 
 

@@ -56,7 +56,7 @@ def app(teacher_path: Path | None, page: str | None = None, **params) -> AppTest
     at.query_params.update({k: v if isinstance(v, list) else str(v) for k, v in params.items()})
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"app_pages/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -90,13 +90,16 @@ def test_setup_loads_with_defaults():
     assert at.radio(key="teacher").value == "shipped"
 
 
-def test_setup_shows_teacher_accuracy_and_reads_the_url(teacher_path):
+def test_setup_shows_teacher_accuracy_and_is_kept_in_the_url(teacher_path):
     at = app(teacher_path, ipc=3, classes=["circle", "star"])
     assert "%" in metric(at, "Test accuracy")
     assert any("Matches the dataset" in s.value for s in at.success)
     assert at.number_input(key="ipc").value == 3
     assert at.multiselect(key="classes").value == ["circle", "star"]
     assert at.radio(key="teacher").value == "file"
+    at.number_input(key="ipc").set_value(5).run()
+    at.switch_page("app_pages/6_runs.py").run()  # the setup stays in the URL on every page
+    assert at.query_params["ipc"] == "5" and at.query_params["classes"] == ["circle", "star"]
 
 
 def test_setup_refuses_a_teacher_with_another_class_order(tmp_path):

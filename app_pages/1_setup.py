@@ -206,5 +206,5 @@ with right:
         st.caption(f"CPU · {torch.get_num_threads()} threads · no CUDA device in use")
 
 st.divider()
-st.page_link("pages/2_explorer.py", label="Next: look at the teacher's CAMs in the Grad-CAM "
+st.page_link("app_pages/2_explorer.py", label="Next: look at the teacher's CAMs in the Grad-CAM "
              "explorer", icon=":material/arrow_forward:")

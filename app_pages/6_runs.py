@@ -15,7 +15,7 @@ runs = list_runs(root)
 st.write(f"Distilled sets saved under `{root}` (set `NRRDD_RUNS` to use another folder).")
 if not runs:
     st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
-    st.page_link("pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
+    st.page_link("app_pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
     st.stop()
 
 
@@ -48,10 +48,10 @@ for i, r in enumerate(runs):
         if b.button("Open in Refine", key=K.run_key("refine", r.name),
                        icon=":material/auto_fix_high:"):
             st.session_state[K.OPEN_RUN] = str(r.path)
-            st.switch_page("pages/3_refine.py")
+            st.switch_page("app_pages/3_refine.py")
         if b.button("Evaluate", key=K.run_key("eval", r.name), icon=":material/school:"):
             st.session_state[K.EVAL_RUNS] = [r.name]
-            st.switch_page("pages/5_evaluate.py")
+            st.switch_page("app_pages/5_evaluate.py")
         with b.popover("Delete", icon=":material/delete:"):
             st.write(f"Delete `{r.path}` and everything in it?")
             if st.button("Yes, delete", key=K.run_key("delete", r.name), type="primary"):

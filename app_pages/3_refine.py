@@ -152,4 +152,4 @@ if job is not None and not job.active and job.result is not None:
             st.error(f"Not saved: {exc}")
         else:
             st.success(f"Saved to {path}.")
-            st.page_link("pages/6_runs.py", label="Open the Runs page", icon=":material/folder_open:")
+            st.page_link("app_pages/6_runs.py", label="Open the Runs page", icon=":material/folder_open:")
