@@ -18,7 +18,7 @@ from .settings import shapes_kwargs
 #: Default of every setup key (the built-in, offline dataset and the shipped teacher).
 DEFAULTS: dict = {
     K.DATASET: "shapes", K.DS_ROOT: "../shared/data", K.DS_TRAIN_FILE: "cifar10_train.npz",
-    K.DS_TEST_FILE: "cifar10_test.npz", K.DS_CLASSES_FILE: "cifar10_classes.json",
+    K.DS_TEST_FILE: "cifar10_test.npz", K.DS_CLASSES_FILE: "",
     K.DS_IMAGE_SIZE: 32, K.DS_SUBSET: "imagenette", K.DS_MAX_PER_CLASS: 0, K.CLASSES: [],
     K.TEACHER: "shipped", K.TEACHER_PATH: "", K.TEACHER_ARCH: "resnet20_cifar", K.DEVICE: "auto",
     K.IPC: 1, K.SEED: 0,

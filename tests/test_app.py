@@ -48,11 +48,11 @@ def _tiny(monkeypatch, tmp_path):
     monkeypatch.setenv("NRRDD_RUNS", str(tmp_path / "runs"))
 
 
-def app(teacher_path: Path | None, page: str | None = None, **params) -> AppTest:
-    """The app with the tiny teacher (and extra URL parameters), opened on ``page``."""
+def app(tiny: Path | None, page: str | None = None, **params) -> AppTest:
+    """The app with the tiny teacher ``tiny`` (and extra URL parameters), opened on ``page``."""
     at = AppTest.from_file(APP, default_timeout=60)
-    if teacher_path is not None:
-        at.query_params.update({"teacher": "file", "teacher_path": str(teacher_path)})
+    if tiny is not None:
+        at.query_params.update({"teacher": "file", "teacher_path": str(tiny)})
     at.query_params.update({k: v if isinstance(v, list) else str(v) for k, v in params.items()})
     at.run()
     if page:
@@ -233,3 +233,12 @@ def test_refine_pause_and_stop_act_between_steps(teacher_path):
     at.button(key="refine_stop").click().run()
     poll(at, lambda a: progress_text(a).startswith("stopped"), timeout=10)
     assert at.button(key="save_run")  # the partial result can be saved
+
+
+def test_cifar10_npz_with_the_public_resnet20(shared_data):
+    at = app(None, None, ds="npz", root=str(shared_data), teacher="resnet_cifar",
+             teacher_path=str(shared_data / "cifar10_resnet20_akamaster.th"), classes="cat")
+    assert any("Matches the dataset" in s.value for s in at.success), [e.value for e in at.error]
+    assert float(metric(at, "Test accuracy").split()[0]) > 60  # JPEG copy: about 81 %
+    at.switch_page("app_pages/2_explorer.py").run()
+    assert not at.exception and metric(at, "Images") == "4"
