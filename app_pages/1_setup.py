@@ -143,7 +143,7 @@ with right:
             widgets.job_status(v, "epochs")
             if v["history"]:
                 st.plotly_chart(widgets.curves(v["history"], "epoch", ["train_acc", "test_acc"],
-                                               yaxis="accuracy"), key="teacher_curve")
+                                               yaxis="accuracy"), key=K.TRAIN_CURVE)
 
         widgets.live(st.session_state.get(K.TEACHER_JOB), render)
     elif kind == "file":

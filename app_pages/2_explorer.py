@@ -112,7 +112,7 @@ fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=2
 means = df.groupby("class", sort=False)["complexity"].mean()
 fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), legend_title_text="class (mean)")
 fig.for_each_trace(lambda t: t.update(name=f"{t.name} ({means[t.name]:.2f})"))
-st.plotly_chart(fig, key="complexity_hist")
+st.plotly_chart(fig, key=K.COMPLEXITY_CHART)
 
 # ---- CIDD candidates of one image -----------------------------------------------------------
 st.subheader("CIDD candidate crops of one image")
@@ -123,7 +123,7 @@ pick = c[0].selectbox("Image", range(len(idx)), key=K.CIDD_IMAGE,
 m_crops = c[1].slider("Candidates m", 2, 12, int(cfg_fields.get("num_crops", 5)),
                       key=K.CIDD_CANDIDATES)
 top_t = c[2].slider("Kept by CAM ratio (t)", 1, m_crops, min(m_crops, int(cfg_fields.get(
-    "top_t", 1))), key="cidd_t")
+    "top_t", 1))), key=K.CIDD_TOP_T)
 label = int(labels[shown[pick]])
 with cache.TEACHER_LOCK:
     cand = cidd_candidates(teacher, x01[pick], torch.from_numpy(cams[pick]), label, m_crops, top_t,

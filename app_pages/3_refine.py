@@ -29,18 +29,18 @@ if opened:
         run = None
     if run is not None:
         mf = run.manifest
-        if st.session_state.get(K.OPEN_RUN + ".applied") != opened and mf.get("method") in \
+        if st.session_state.get(K.OPEN_RUN_APPLIED) != opened and mf.get("method") in \
                 list_methods():
             st.session_state[K.METHOD] = mf["method"]
             for name, value in mf.get("config", {}).items():
                 st.session_state[K.knob(mf["method"], name)] = value
-            st.session_state[K.OPEN_RUN + ".applied"] = opened
+            st.session_state[K.OPEN_RUN_APPLIED] = opened
         with st.expander(f"Reopened run **{run.name}** ({mf.get('method')}, "
                          f"{len(run.labels)} images) — its settings are loaded below", expanded=True):
             widgets.class_rows(run.images01, run.labels, sorted(set(run.labels.tolist())),
                                [mf["dataset"]["all_class_names"][c] for c in
                                 sorted(set(run.labels.tolist()))], px=PX)
-            if st.button("Close", key="close_run"):
+            if st.button("Close", key=K.CLOSE_RUN):
                 del st.session_state[K.OPEN_RUN]
                 st.rerun()
 
@@ -132,7 +132,7 @@ def render(j: jobs.Job | None) -> None:
         phase = phase[::max(1, len(phase) // 400)]
         st.plotly_chart(widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
             "step", "phase", "seconds")], title=f"Loss terms ({hist[-1]['phase']})", log_y=True),
-            key="refine_losses")
+            key=K.LOSS_CHART)
 
 
 widgets.live(job.id if job else None, render)

@@ -37,7 +37,7 @@ if K.COMPARE_EPOCHS not in st.session_state:
 epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE_EPOCHS,
                            help="SPEC 0.4 trains 300 epochs; a few give a quick ranking.",
                            persist_state="session")
-recompute = c[1].toggle("Recompute", key="compare_recompute",
+recompute = c[1].toggle("Recompute", key=K.COMPARE_RECOMPUTE,
                         help="Off: reuse results of the same setup computed earlier.")
 if b.button("Run comparison", key=K.COMPARE_START, type="primary", disabled=running,
                icon=":material/play_arrow:"):
@@ -96,7 +96,7 @@ def render(j: jobs.Job | None) -> None:
                            text=[f"{a:.1f}" for a in table["student acc %"]]))
     fig.update_layout(height=300, yaxis_title="student top-1 %", margin=dict(l=10, r=10, t=30, b=10),
                       title=f"Quick student evaluation ({v['params'].get('epochs')} epochs)")
-    st.plotly_chart(fig, key="compare_bars")
+    st.plotly_chart(fig, key=K.COMPARE_CHART)
 
 
 widgets.live(job.id if job else None, render)

@@ -71,7 +71,7 @@ def render(j: jobs.Job | None) -> None:
             if pts:
                 fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                 name=name)
-        st.plotly_chart(fig, key="eval_curves")
+        st.plotly_chart(fig, key=K.EVAL_CHART)
     rows = v["result"] if v["result"] is not None else v["frame"].get("rows", [])
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={

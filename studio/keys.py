@@ -35,12 +35,15 @@ REFINE_JOB = "refine_job"      # id of this session's refinement job
 COMPARE_JOB = "compare_job"    # id of this session's Compare job
 EVAL_JOB = "eval_job"          # id of this session's evaluation job
 OPEN_RUN = "open_run"          # path of a saved run to show in Refine (set by the Runs page)
+OPEN_RUN_APPLIED = "open_run_applied"  # the reopened run whose settings were loaded into knobs
+CLOSE_RUN = "close_run"        # button closing the reopened run
 EVAL_RUNS = "eval_runs"        # saved run paths preselected on Evaluate (set by the Runs page)
 UPLOAD = "teacher_upload"      # file uploader of a teacher checkpoint
 TRAIN_ARCH = "train_arch"      # teacher training: architecture
 TRAIN_EPOCHS = "train_epochs"  # teacher training: epochs
 TRAIN_START = "train_start"    # teacher training: start button
 TRAIN_STOP = "train_stop"      # teacher training: stop button
+TRAIN_CURVE = "train_curve"    # teacher training: accuracy chart
 
 # ---- Grad-CAM explorer -----------------------------------------------------------------------
 CAM_METHOD = "cam_method"
@@ -53,6 +56,8 @@ FILTER = "filter"              # all | correct | incorrect
 TOPK = "topk"
 CIDD_IMAGE = "cidd_image"      # index (in the grid) of the image whose CIDD candidates are shown
 CIDD_CANDIDATES = "cidd_m"     # candidate crops per image
+CIDD_TOP_T = "cidd_t"          # candidates kept by CAM ratio
+COMPLEXITY_CHART = "complexity_hist"
 SCORECAM_OK = "scorecam_ok"    # explicit go-ahead for the slow ScoreCAM
 
 # ---- Refine live -----------------------------------------------------------------------------
@@ -63,6 +68,7 @@ REFINE_STOP = "refine_stop"
 REFINE_EVERY = "refine_every"  # draw every k steps
 RUN_NAME = "run_name"
 SAVE_RUN = "save_run"
+LOSS_CHART = "refine_losses"
 
 # ---- Compare / Evaluate / Runs ---------------------------------------------------------------
 COMPARE_METHODS = "compare_methods"
@@ -70,11 +76,14 @@ COMPARE_EPOCHS = "compare_epochs"
 COMPARE_START = "compare_start"
 COMPARE_STOP = "compare_stop"
 COMPARE_SAVE = "compare_save"
+COMPARE_RECOMPUTE = "compare_recompute"
+COMPARE_CHART = "compare_bars"
 EVAL_STUDENT = "eval_student"
 EVAL_LABELS = "eval_labels"
 EVAL_EPOCHS = "eval_epochs"
 EVAL_START = "eval_start"
 EVAL_STOP = "eval_stop"
+EVAL_CHART = "eval_curves"
 
 
 def knob(method: str, field: str) -> str:
