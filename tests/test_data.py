@@ -136,8 +136,8 @@ def test_npz_validation(tmp_path):
     _write_npz(tmp_path / "big_test.npz", np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int64))
     with pytest.raises(DataError, match="16px"):
         load_dataset("npz", root=tmp_path, train_file="toy_train.npz", test_file="big_test.npz")
+    _write_npz(tmp_path / "bad_test.npz", x[:2], np.array([0, 5]))
     with pytest.raises(DataError, match=r"labels must be in \[0, 3\)"):
-        _write_npz(tmp_path / "bad_test.npz", x[:2], np.array([0, 5]))
         load_dataset("npz", root=tmp_path, train_file="toy_train.npz", test_file="bad_test.npz",
                      classes_file="names.json")
 
