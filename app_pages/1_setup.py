@@ -90,10 +90,12 @@ with left:
         "Classes to explore and distil", list(cfg.class_names), key=K.CLASSES,
         placeholder=f"all classes (first {min(cfg.num_classes, setup.DEFAULT_CLASS_CAP)})",
         help="Leave empty for the first ten classes.", **PERSIST)
-    show = chosen or list(cfg.class_names[:setup.DEFAULT_CLASS_CAP])
+    used = set(chosen or cfg.class_names[:setup.DEFAULT_CLASS_CAP])
+    show = list(cfg.class_names[:20]) if cfg.num_classes <= 20 else sorted(used)[:20]
     thumbs = [widgets.to_hwc(bundle.train.float01(bundle.train.indices_of(
-        cfg.class_names.index(n))[:1])[0]) for n in show[:20]]
-    widgets.image_grid(thumbs, show[:20], px=72)
+        cfg.class_names.index(n))[:1])[0]) for n in show]
+    widgets.image_grid(thumbs, [f"✓ {n}" if n in used else n for n in show], px=72)
+    st.caption("One training image per class; ✓ marks the classes in use.")
     c1, c2 = st.columns(2)
     c1.number_input("Images per class (IPC) of distilled sets", 1, 100, key=K.IPC, **PERSIST)
     c2.number_input("Seed of every run", 0, 2**31 - 1, key=K.SEED, **PERSIST)
@@ -188,7 +190,8 @@ with right:
             m1, m2 = st.columns(2)
             m1.metric("Test accuracy", f"{100 * acc:.1f} %", help=f"top-1 on {n} test images "
                       f"of {cfg.name} (an even stride through the test split)")
-            m2.metric("Parameters", f"{n_params / 1e6:.2f} M")
+            m2.metric("Parameters", f"{n_params / 1e6:.2f} M" if n_params >= 1e5 else
+                      f"{n_params / 1e3:.1f} k")
             st.success(f"Matches the dataset: {cfg.num_classes} classes in the same order, "
                        f"{cfg.image_size} px.", icon=":material/check_circle:")
         st.caption(f"{teacher.arch} · CAM layer `{teacher.cam_layer}` · "
