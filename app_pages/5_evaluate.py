@@ -18,7 +18,8 @@ ctx = widgets.require_context()
 st.write("Train a fresh student on each chosen distilled set with the KD protocol of SPEC 0.4 "
          "and test it on the real test split. Results are stored in each run's folder.")
 
-runs = {r.name: str(r.path) for r in list_runs(default_runs_root())}
+infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("created", ""))
+runs = {r.name: str(r.path) for r in infos}
 if not runs:
     st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
     st.page_link("app_pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
@@ -26,7 +27,8 @@ if not runs:
 job = jobs.get(st.session_state.get(K.EVAL_JOB))
 running = job is not None and job.active
 
-st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, []) if r in runs]
+st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, list(runs)[-1:])
+                                 if r in runs]  # default: the newest run
 chosen = st.multiselect("Runs", list(runs), key=K.EVAL_RUNS, disabled=running,
                         placeholder="choose one or more saved runs", **PERSIST)
 defaults = {f["name"]: f for f in EvalConfig.describe()}

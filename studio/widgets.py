@@ -147,7 +147,7 @@ def config_knobs(method: str, fields: list[dict], overrides: dict | None = None,
 
 
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
-         interval: float = 0.4) -> None:
+         interval: float = 0.3) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
     active, then triggers one full rerun when it ends (so the rest of the page catches up)."""
     job = jobs.get(job_id)
