@@ -23,8 +23,10 @@ page = st.navigation([
             url_path="explorer"),
     st.Page("app_pages/3_refine.py", title="Refine live", icon=":material/auto_fix_high:",
             url_path="refine"),
-    st.Page("app_pages/4_compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
-    st.Page("app_pages/5_evaluate.py", title="Evaluate", icon=":material/school:", url_path="evaluate"),
+    st.Page("app_pages/4_compare.py", title="Compare", icon=":material/compare:",
+            url_path="compare"),
+    st.Page("app_pages/5_evaluate.py", title="Evaluate", icon=":material/school:",
+            url_path="evaluate"),
     st.Page("app_pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
 page.run()

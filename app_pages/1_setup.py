@@ -35,7 +35,7 @@ PERSIST = {"persist_state": "session"}
 
 
 def keep_valid(key: str, options: list, default=None) -> None:
-    """Reset a persisted widget value that is not among ``options`` (e.g. after a dataset switch)."""
+    """Reset a persisted widget value that is not among ``options`` (after a dataset switch)."""
     v = st.session_state.get(key)
     if isinstance(v, list):
         st.session_state[key] = [x for x in v if x in options]
@@ -53,7 +53,8 @@ with left:
     st.subheader("1 · Dataset")
     names = [n for n in DATASET_LABELS if n in list_datasets()] or list_datasets()
     keep_valid(K.DATASET, names, "shapes")
-    ds = st.selectbox("Dataset", names, key=K.DATASET, format_func=lambda n: DATASET_LABELS.get(n, n),
+    ds = st.selectbox("Dataset", names, key=K.DATASET,
+                      format_func=lambda n: DATASET_LABELS.get(n, n),
                       **PERSIST)
     fields = setup.DATASET_FIELDS.get(ds, ())
     c1, c2 = st.columns(2)

@@ -12,7 +12,8 @@ from studio import cache, settings, widgets
 from studio import keys as K
 from studio.metrics import cidd_candidates
 
-METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)", "gradcam_torch": "Grad-CAM (batched torch)",
+METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)",
+                 "gradcam_torch": "Grad-CAM (batched torch)",
                  "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
                  "scorecam": "Score-CAM (slow: seconds per image)", "layercam": "Layer-CAM",
                  "eigencam": "Eigen-CAM (ignores the class)"}
@@ -39,9 +40,6 @@ layer = c[1].selectbox("Layer", layers, key=K.CAM_LAYER, **PERSIST)
 cmap = c[2].selectbox("Colour map", list(COLORMAPS), key=K.CAM_CMAP, **PERSIST)
 alpha = c[3].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key=K.CAM_ALPHA, **PERSIST)
 c = st.columns([2, 1, 1, 1])
-tau = c[0].slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
-                  bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
-                  "NRR-DD); the rest is non-critical and refined (SPEC 3.3, paper default 0.5).")
 per_class = c[1].slider("Images per class", 1, 12, 4, key=K.PER_CLASS, **PERSIST)
 topk = c[2].slider("Top-k predictions", 1, 5, 3, key=K.TOPK, **PERSIST)
 which = c[3].radio("Show", list(FILTERS), key=K.FILTER, format_func=FILTERS.get, **PERSIST)
@@ -51,8 +49,10 @@ if method == "scorecam" and not st.checkbox("Compute Score-CAM anyway (slow)", k
     st.stop()
 
 # ---- data: a pool per class, predictions, filter, CAMs (all cached) -------------------------
+# (the filters need predictions on more images than are shown; "all" needs just the shown ones)
 s = ctx.setup
-pool_n = 8 if settings.tiny() else max(32, 4 * per_class)
+sample_n = 8 if settings.tiny() else 32  # images per class for the complexity histogram
+pool_n = per_class if which == "all" else max(sample_n, 4 * per_class)
 pool = cache.pool_indices(s.data_key, tuple(ctx.classes), pool_n)
 probs = cache.predictions(s.teacher_key, tuple(pool.tolist()), teacher, bundle)
 labels = bundle.train.y[pool].numpy()
@@ -69,44 +69,53 @@ except Exception as exc:  # noqa: BLE001 - e.g. a layer the CAM method cannot us
     st.error(f"{METHOD_LABELS.get(method, method)} failed on layer {layer}: {exc}")
     st.stop()
 x01 = bundle.train.float01(list(idx))
-noncrit = (cams < tau).mean((1, 2))
+images = [widgets.to_hwc(x) for x in x01]
+overlays = [overlay(x01[i], cams[i], alpha, cmap) for i in range(len(idx))]
+gap = np.full((images[0].shape[0], 1, 3), 255, np.uint8)
+top = np.argsort(-probs[shown], 1)[:, :topk]
+predicted = [" · ".join(f"{names[t]} {100 * probs[j, t]:.0f}%" for t in top[i])
+             for i, j in enumerate(shown)]
 
-m = st.columns(3)
-m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %",
-            help="Share of pixels with CAM < tau over the images shown: what NRR-DD may change.")
-m[1].metric("Teacher accuracy on these images", f"{100 * correct[shown].mean():.0f} %")
-m[2].metric("Images", f"{len(idx)}")
 
-# ---- grid: one row per class ----------------------------------------------------------------
-for cl in ctx.classes:
-    rows = [i for i, j in enumerate(shown) if labels[j] == cl]
-    cols = st.columns([1, 7], vertical_alignment="center")
-    share = f"{100 * noncrit[rows].mean():.0f} % non-critical" if rows else "none shown"
-    cols[0].markdown(f"**{names[cl]}**  \n{share}")
-    tiles, caps = [], []
-    for i in rows:
-        img = widgets.to_hwc(x01[i])
-        ov = overlay(x01[i], cams[i], alpha, cmap)
-        gap = np.full((img.shape[0], 1, 3), 255, np.uint8)
-        tiles.append(np.concatenate([ov, gap, widgets.critical_view(img, cams[i], tau)], 1))
-        p = probs[shown[i]]
-        top = np.argsort(-p)[:topk]
-        mark = "✓" if top[0] == cl else "✗"
-        caps.append(f"{mark} " + " · ".join(f"{names[t]} {100 * p[t]:.0f}%" for t in top)
-                    + f" | {100 * noncrit[i]:.0f}% non-crit.")
-    with cols[1]:
-        if tiles:
-            widgets.image_grid(tiles, caps, px=2 * widgets.TILE_PX)
-        else:
-            st.caption(f"no {FILTERS[which]} images")
+@st.fragment
+def grid() -> None:
+    """tau slider, metrics and the grid: a tau change re-thresholds the cached maps here only."""
+    tau = st.slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
+                    bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
+                    "NRR-DD); the rest is non-critical and refined (SPEC 3.3, paper default 0.5).")
+    noncrit = (cams < tau).mean((1, 2))
+    m = st.columns(3)
+    m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %", help="Share of pixels "
+                "with CAM < tau over the images shown: what NRR-DD may change.")
+    m[1].metric("Teacher accuracy on these images", f"{100 * correct[shown].mean():.0f} %")
+    m[2].metric("Images", f"{len(idx)}")
+    for cl in ctx.classes:  # one row per class
+        rows = [i for i, j in enumerate(shown) if labels[j] == cl]
+        cols = st.columns([1, 7], vertical_alignment="center")
+        share = f"{100 * noncrit[rows].mean():.0f} % non-critical" if rows else "none shown"
+        cols[0].markdown(f"**{names[cl]}**  \n{share}")
+        tiles = [np.concatenate([overlays[i], gap, widgets.critical_view(images[i], cams[i], tau)],
+                                1) for i in rows]
+        caps = [f"{'✓' if top[i][0] == cl else '✗'} {predicted[i]} | "
+                f"{100 * noncrit[i]:.0f}% non-crit." for i in rows]
+        with cols[1]:
+            if tiles:
+                widgets.image_grid(tiles, caps, px=2 * widgets.TILE_PX)
+            else:
+                st.caption(f"no {FILTERS[which]} images")
+
+
+grid()
 
 # ---- per-class complexity -------------------------------------------------------------------
 st.subheader("Class complexity")
 st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (SPEC 6); a "
-           f"class's score is the mean over its images (first {pool_n} per class).")
-pool_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(pool.tolist()), teacher, bundle)
-score = complexity_score(torch.from_numpy(pool_cams)).numpy()
-df = pd.DataFrame({"complexity": score, "class": [names[y] for y in labels]})
+           f"class's score is the mean over its images (first {sample_n} per class).")
+sample = cache.pool_indices(s.data_key, tuple(ctx.classes), sample_n)
+sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()), teacher, bundle)
+score = complexity_score(torch.from_numpy(sample_cams)).numpy()
+df = pd.DataFrame({"complexity": score,
+                   "class": [names[y] for y in bundle.train.y[sample].tolist()]})
 fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=20, opacity=0.6,
                    range_x=[0, 1], height=320)
 means = df.groupby("class", sort=False)["complexity"].mean()
@@ -116,42 +125,49 @@ st.plotly_chart(fig, key=K.COMPLEXITY_CHART)
 
 # ---- CIDD candidates of one image -----------------------------------------------------------
 st.subheader("CIDD candidate crops of one image")
-cfg_fields = {f["name"]: f["default"] for f in get_method("nrrdd").Config.describe()}
-c = st.columns([2, 1, 1])
-pick = c[0].selectbox("Image", range(len(idx)), key=K.CIDD_IMAGE,
-                      format_func=lambda i: f"{names[labels[shown[i]]]} · image #{idx[i]}")
-m_crops = c[1].slider("Candidates m", 2, 12, int(cfg_fields.get("num_crops", 5)),
-                      key=K.CIDD_CANDIDATES)
-top_t = c[2].slider("Kept by CAM ratio (t)", 1, m_crops, min(m_crops, int(cfg_fields.get(
-    "top_t", 1))), key=K.CIDD_TOP_T)
-label = int(labels[shown[pick]])
-with cache.TEACHER_LOCK:
-    cand = cidd_candidates(teacher, x01[pick], torch.from_numpy(cams[pick]), label, m_crops, top_t,
-                           seed=s.seed, min_scale=float(cfg_fields.get("min_scale", 0.08)))
-img = widgets.to_hwc(x01[pick])
-boxed = img.copy()
-tiles, caps = [], []
-for r in range(m_crops):
-    i, j, h, w = cand.boxes[r].tolist()
-    tags = []
-    if cand.kept[r]:
-        tags.append("passes CAM filter")
-    if r == cand.lowest:
-        tags.append("KEPT (lowest conf.)")
-    if r == cand.highest:
-        tags.append("KEPT (highest conf.)")
-    tiles.append(widgets.to_hwc(cand.crops01[r]))
-    caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}"
-                + (f" · {', '.join(tags)}" if tags else ""))
-    if cand.kept[r]:
-        boxed[i, j:j + w] = boxed[i + h - 1, j:j + w] = boxed[i:i + h, j] = \
-            boxed[i:i + h, j + w - 1] = (255, 230, 0)
-c = st.columns([1, 5])
-with c[0]:
-    widgets.image_grid([overlay(x01[pick], cams[pick], alpha, cmap), boxed],
-                       ["CAM", "boxes kept by CAM ratio"])
-with c[1]:
-    widgets.image_grid(tiles, caps)
+@st.fragment
+def cidd() -> None:
+    """CIDD candidates of one image (its own widgets re-run only this part)."""
+    cfg_fields = {f["name"]: f["default"] for f in get_method("nrrdd").Config.describe()}
+    c = st.columns([2, 1, 1])
+    pick = c[0].selectbox("Image", range(len(idx)), key=K.CIDD_IMAGE,
+                          format_func=lambda i: f"{names[labels[shown[i]]]} · image #{idx[i]}")
+    m_crops = c[1].slider("Candidates m", 2, 12, int(cfg_fields.get("num_crops", 5)),
+                          key=K.CIDD_CANDIDATES)
+    top_t = c[2].slider("Kept by CAM ratio (t)", 1, m_crops, min(m_crops, int(cfg_fields.get(
+        "top_t", 1))), key=K.CIDD_TOP_T)
+    label = int(labels[shown[pick]])
+    with cache.TEACHER_LOCK:
+        cand = cidd_candidates(teacher, x01[pick], torch.from_numpy(cams[pick]), label, m_crops,
+                               top_t, seed=s.seed,
+                               min_scale=float(cfg_fields.get("min_scale", 0.08)))
+    img = widgets.to_hwc(x01[pick])
+    boxed = img.copy()
+    tiles, caps = [], []
+    for r in range(m_crops):
+        i, j, h, w = cand.boxes[r].tolist()
+        tags = []
+        if cand.kept[r]:
+            tags.append("passes CAM filter")
+        if r == cand.lowest:
+            tags.append("KEPT (lowest conf.)")
+        if r == cand.highest:
+            tags.append("KEPT (highest conf.)")
+        tiles.append(widgets.to_hwc(cand.crops01[r]))
+        caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}"
+                    + (f" · {', '.join(tags)}" if tags else ""))
+        if cand.kept[r]:
+            boxed[i, j:j + w] = boxed[i + h - 1, j:j + w] = boxed[i:i + h, j] = \
+                boxed[i:i + h, j + w - 1] = (255, 230, 0)
+    c = st.columns([1, 5])
+    with c[0]:
+        widgets.image_grid([overlay(x01[pick], cams[pick], alpha, cmap), boxed],
+                           ["CAM", "boxes kept by CAM ratio"])
+    with c[1]:
+        widgets.image_grid(tiles, caps)
+
+
+cidd()
 st.caption("Candidates are RandomResizedCrop boxes (RDED's sampler), sorted by CAM ratio "
            "(share of the CAM inside the box). CIDD scores the top t by the teacher's confidence "
            "and keeps the LOWEST-confidence (hardest) patches; the paper's appendix C compares "

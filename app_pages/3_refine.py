@@ -36,7 +36,8 @@ if opened:
                 st.session_state[K.knob(mf["method"], name)] = value
             st.session_state[K.OPEN_RUN_APPLIED] = opened
         with st.expander(f"Reopened run **{run.name}** ({mf.get('method')}, "
-                         f"{len(run.labels)} images) — its settings are loaded below", expanded=True):
+                         f"{len(run.labels)} images) — its settings are loaded below",
+                         expanded=True):
             widgets.class_rows(run.images01, run.labels, sorted(set(run.labels.tolist())),
                                [mf["dataset"]["all_class_names"][c] for c in
                                 sorted(set(run.labels.tolist()))], px=PX)
@@ -152,4 +153,5 @@ if job is not None and not job.active and job.result is not None:
             st.error(f"Not saved: {exc}")
         else:
             st.success(f"Saved to {path}.")
-            st.page_link("app_pages/6_runs.py", label="Open the Runs page", icon=":material/folder_open:")
+            st.page_link("app_pages/6_runs.py", label="Open the Runs page",
+                         icon=":material/folder_open:")

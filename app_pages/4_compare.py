@@ -14,7 +14,8 @@ from studio import cache, jobs, runners, settings, widgets
 from studio import keys as K
 
 PX = 56
-LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "NRR-DD", "edf": "EDF"}
+LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "NRR-DD",
+          "edf": "EDF"}
 
 st.title("Compare")
 ctx = widgets.require_context()
@@ -94,7 +95,8 @@ def render(j: jobs.Job | None) -> None:
                "CAM-layer features within a class; label storage by the SPEC 3.4 arithmetic.")
     fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
                            text=[f"{a:.1f}" for a in table["student acc %"]]))
-    fig.update_layout(height=300, yaxis_title="student top-1 %", margin=dict(l=10, r=10, t=30, b=10),
+    fig.update_layout(height=300, yaxis_title="student top-1 %",
+                      margin=dict(l=10, r=10, t=30, b=10),
                       title=f"Quick student evaluation ({v['params'].get('epochs')} epochs)")
     st.plotly_chart(fig, key=K.COMPARE_CHART)
 

@@ -22,7 +22,8 @@ infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("cre
 runs = {r.name: str(r.path) for r in infos}
 if not runs:
     st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
-    st.page_link("app_pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
+    st.page_link("app_pages/3_refine.py", label="Go to Refine live",
+                 icon=":material/auto_fix_high:")
     st.stop()
 job = jobs.get(st.session_state.get(K.EVAL_JOB))
 running = job is not None and job.active

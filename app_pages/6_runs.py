@@ -15,20 +15,23 @@ runs = list_runs(root)
 st.write(f"Distilled sets saved under `{root}` (set `NRRDD_RUNS` to use another folder).")
 if not runs:
     st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
-    st.page_link("app_pages/3_refine.py", label="Go to Refine live", icon=":material/auto_fix_high:")
+    st.page_link("app_pages/3_refine.py", label="Go to Refine live",
+                 icon=":material/auto_fix_high:")
     st.stop()
 
 
 def summary(mf: dict) -> dict:
     ds = mf.get("dataset", {})
-    return {"method": mf.get("method"), "dataset": ds.get("name"), "classes": len(ds.get("classes", [])),
+    return {"method": mf.get("method"), "dataset": ds.get("name"),
+            "classes": len(ds.get("classes", [])),
             "IPC": mf.get("ipc"), "images": mf.get("num_images"), "seed": mf.get("seed"),
             "complete": mf.get("complete", True), "seconds": mf.get("timings", {}).get("seconds"),
             "created": mf.get("created")}
 
 
 st.dataframe(pd.DataFrame([{"run": r.name, **summary(r.manifest)} for r in runs]),
-             hide_index=True, column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
+             hide_index=True,
+             column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
 
 for i, r in enumerate(runs):
     with st.expander(f"**{r.name}** · {r.manifest.get('method')} · "

@@ -3,7 +3,7 @@ screenshots. ``tests/test_browser.py`` and ``bench/ui_speed.py`` use the same he
 
 Usage::
 
-    python scripts/screenshots.py            # writes docs/img/*.png (built-in dataset, shipped teacher)
+    python scripts/screenshots.py   # docs/img/*.png: built-in dataset, shipped teacher
     python scripts/screenshots.py --out /tmp/shots --query "teacher=file&teacher_path=t.pt"
 """
 

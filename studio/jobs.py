@@ -102,8 +102,9 @@ class Job:
             time.sleep(0.05)
         return self.stop_event.is_set()
 
-    def progress(self, step: int | None = None, total: int | None = None, message: str | None = None,
-                 record: dict | None = None, frame: dict | None = None) -> None:
+    def progress(self, step: int | None = None, total: int | None = None,
+                 message: str | None = None, record: dict | None = None,
+                 frame: dict | None = None) -> None:
         """Record progress from the worker (any subset of the fields)."""
         with self.lock:
             if step is not None:

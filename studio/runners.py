@@ -23,7 +23,9 @@ MIN_FRAME_INTERVAL = 0.2
 
 def teacher_ref(s: Setup) -> str:
     """How a manifest says which teacher was used (``"shipped"`` or a checkpoint path)."""
-    return "shipped" if s.teacher == "shipped" else f"{s.teacher}:{s.teacher_path or s.teacher_arch}"
+    if s.teacher == "shipped":
+        return "shipped"
+    return f"{s.teacher}:{s.teacher_path or s.teacher_arch}"
 
 
 def snapshot(d, teacher: Teacher) -> dict:

@@ -26,7 +26,8 @@ def require_context(with_teacher: bool = True) -> Context:
         ctx = context(with_teacher)
     except (NrrddError, KeyError) as exc:
         st.error(f"The setup cannot be used: {exc}")
-        st.page_link("app_pages/1_setup.py", label="Fix it on the Setup page", icon=":material/tune:")
+        st.page_link("app_pages/1_setup.py", label="Fix it on the Setup page",
+                     icon=":material/tune:")
         st.stop()
     setup_caption(ctx)
     return ctx
@@ -71,7 +72,8 @@ def heat(values: np.ndarray) -> np.ndarray:
 
 def critical_view(img: np.ndarray, cam: np.ndarray, tau: float) -> np.ndarray:
     """Show the critical region (``C >= tau``, frozen) in its own colours and the non-critical
-    rest (refined by NRR-DD) greyed and tinted blue. ``img`` uint8 ``(H,W,3)``, ``cam`` ``(H,W)``."""
+    rest (refined by NRR-DD) greyed and tinted blue. ``img`` uint8 ``(H,W,3)``, ``cam``
+    ``(H,W)``."""
     crit = (cam >= tau)[..., None]
     grey = img.mean(-1, keepdims=True)
     tint = 0.45 * grey + 0.55 * np.array([70.0, 120.0, 230.0])
@@ -168,7 +170,8 @@ def job_status(view: dict, unit: str = "steps") -> None:
     total = max(1, view["total"])
     st.progress(min(1.0, view["step"] / total),
                 text=f"{view['status']} · {view['step']}/{view['total']} {unit} · "
-                     f"{view['elapsed']:.1f} s" + (f" · {view['message']}" if view["message"] else ""))
+                     f"{view['elapsed']:.1f} s"
+                     + (f" · {view['message']}" if view["message"] else ""))
     if view["status"] == "error":
         st.error(f"The run failed: {view['error']}")
     elif view["status"] == "stopped":
