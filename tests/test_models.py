@@ -294,6 +294,10 @@ def test_shipped_teacher():
     assert SHIPPED_TEACHER_PATH.stat().st_size <= 5 * 2**20
     t = shipped_teacher()
     assert t.arch == "resnet20_cifar" and t.cam_layer == "layer3"
-    assert t.data_config.name == "shapes" and t.data_config.image_size == 32 and t.num_classes == 10
+    from nrrdd_core.data import shapes
+
+    dc = t.data_config
+    assert (dc.name, dc.image_size, dc.class_names) == ("shapes", 32, shapes.CLASS_NAMES)
+    assert (dc.mean, dc.std) == (shapes.MEAN, shapes.STD)
     assert t.test_acc >= 0.9
     assert t(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

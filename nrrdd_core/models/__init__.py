@@ -14,7 +14,18 @@ from .registry import build_model, default_cam_layer, get_classifier, list_model
 from .resnet_cifar import akamaster_data_config, load_resnet_cifar_checkpoint
 from .teacher import Teacher
 from .torchvision_models import imagenet_mean_std, pretrained_teacher, weights_path
-from .train import TeacherTrainConfig, evaluate_accuracy, shipped_teacher, train_teacher
+
+_TRAIN_NAMES = ("TeacherTrainConfig", "evaluate_accuracy", "shipped_teacher", "train_teacher")
+
+
+def __getattr__(name: str):
+    # train.py is imported on first use so that ``python -m nrrdd_core.models.train`` runs it once
+    if name in _TRAIN_NAMES:
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Teacher", "TeacherTrainConfig", "akamaster_data_config", "build_model",
            "default_cam_layer", "evaluate_accuracy", "get_classifier", "imagenet_mean_std",

@@ -222,7 +222,8 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle, device: torch.
     return teacher
 
 
-SHIPPED_CONFIG = TeacherTrainConfig(arch="resnet20_cifar", epochs=20, seed=0)
+#: Recipe of the shipped teacher: SPEC 0.1 with batch 64 [ours] (more steps on 5,000 images).
+SHIPPED_CONFIG = TeacherTrainConfig(arch="resnet20_cifar", epochs=10, batch_size=64, seed=0)
 
 
 def shipped_teacher(device: torch.device | str = "cpu") -> Teacher:
@@ -249,7 +250,10 @@ def _main(argv: list[str] | None = None) -> int:
                     help=f"train {SHIPPED_CONFIG} on load_dataset('shapes') and write "
                          f"{SHIPPED_TEACHER_PATH}")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bundle = load_dataset("shapes")
     t0 = time.perf_counter()
@@ -258,7 +262,7 @@ def _main(argv: list[str] | None = None) -> int:
     teacher.source = "python -m nrrdd_core.models.train --shipped"
     teacher.save(SHIPPED_TEACHER_PATH, extra={"train_config": SHIPPED_CONFIG.to_dict(),
                                               "train_seconds": seconds, "dataset": "shapes",
-                                              "torch": torch.__version__})
+                                              "torch": str(torch.__version__)})
     log.info("wrote %s: test_acc %.4f, %.0f s", SHIPPED_TEACHER_PATH, teacher.test_acc, seconds)
     return 0
 
