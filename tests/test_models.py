@@ -83,7 +83,8 @@ def test_resnet18_small_stem():
     m = build_model("resnet18_small", 10, 32)
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and m.conv1.bias is None
     assert isinstance(m.maxpool, nn.Identity)
-    feats = m.layer4(m.layer3(m.layer2(m.layer1(m.relu(m.bn1(m.conv1(torch.zeros(1, 3, 32, 32))))))))
+    stem = m.relu(m.bn1(m.conv1(torch.zeros(1, 3, 32, 32))))
+    feats = m.layer4(m.layer3(m.layer2(m.layer1(stem))))
     assert feats.shape == (1, 512, 4, 4)
 
 
@@ -94,20 +95,23 @@ def test_option_a_shortcut():
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
     m = build_model("resnet20_cifar", 10, 32)
-    assert isinstance(m.layer2[0].shortcut, ShortcutA) and isinstance(m.layer1[0].shortcut, nn.Identity)
+    assert isinstance(m.layer2[0].shortcut, ShortcutA)
+    assert isinstance(m.layer1[0].shortcut, nn.Identity)
     assert sum(p.numel() for p in m.parameters()) == 269722  # ResNet-20: 0.27 M (akamaster count)
 
 
 def _cifar_prefix(shared_data):
     d = np.load(shared_data / "cifar10_exact_test_prefix.npz")
-    return ImageSplit(torch.from_numpy(d["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(d["y"]))
+    x = torch.from_numpy(d["x"]).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(x, torch.from_numpy(d["y"]))
 
 
 def test_akamaster_checkpoint_accuracy(shared_data):
     names = tuple(json.loads((shared_data / "cifar10_classes.json").read_text()))
     dc = akamaster_data_config(names)
     assert dc.mean == (0.485, 0.456, 0.406) and dc.std == (0.229, 0.224, 0.225)
-    t = load_resnet_cifar_checkpoint(shared_data / "cifar10_resnet20_akamaster.th", "resnet20_cifar", dc)
+    path = shared_data / "cifar10_resnet20_akamaster.th"
+    t = load_resnet_cifar_checkpoint(path, "resnet20_cifar", dc)
     assert t.cam_layer == "layer3" and not t.model.training
     split = _cifar_prefix(shared_data)
     assert len(split) == 1017
@@ -136,7 +140,8 @@ def test_resnet_cifar_checkpoint_variants_and_errors(shared_data, tmp_path):
 
 
 def _dc(n=2, size=8, name="rand"):
-    return DataConfig(name, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple(f"c{i}" for i in range(n)))
+    names = tuple(f"c{i}" for i in range(n))
+    return DataConfig(name, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), names)
 
 
 def test_teacher_save_load_round_trip_and_compat(tmp_path):
@@ -168,7 +173,8 @@ def _bundle(seed=0, n_train=24, n_test=10, size=8):
         x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
         x[y == 1, 0] = 255  # class 1 is red-ish: learnable
         return ImageSplit(x, y)
-    return DatasetBundle(split(n_train), split(n_test), _dc(2, size), source={"kind": "random", "seed": seed})
+    return DatasetBundle(split(n_train), split(n_test), _dc(2, size),
+                         source={"kind": "random", "seed": seed})
 
 
 TINY = TeacherTrainConfig(arch="convnet_bn", width=8, depth=1, epochs=2, batch_size=8, seed=3)
@@ -178,7 +184,7 @@ def test_train_teacher_deterministic_and_leaves_global_rng():
     b = _bundle()
     calls = []
     rng = torch.get_rng_state()
-    t1 = train_teacher(TINY, b, "cpu", progress=lambda e, n, m: calls.append((e, n, m)), cache=False)
+    t1 = train_teacher(TINY, b, "cpu", progress=lambda *a: calls.append(a), cache=False)
     assert torch.equal(rng, torch.get_rng_state())
     t2 = train_teacher(TINY, b, "cpu", cache=False)
     t3 = train_teacher(TINY.replace(seed=4), b, "cpu", cache=False)
@@ -186,7 +192,8 @@ def test_train_teacher_deterministic_and_leaves_global_rng():
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not all(torch.equal(s1[k], s3[k]) for k in s1)
     assert [c[:2] for c in calls] == [(1, 2), (2, 2)]
-    assert {"train_loss", "train_acc", "lr", "seconds"} <= set(calls[0][2]) and "test_acc" not in calls[0][2]
+    assert {"train_loss", "train_acc", "lr", "seconds"} <= set(calls[0][2])
+    assert "test_acc" not in calls[0][2]
     assert calls[-1][2]["test_acc"] == t1.test_acc
     assert t1.test_acc == evaluate_accuracy(t1, b.test, b.config, "cpu")
     assert t1.arch_kwargs == {"width": 8, "depth": 1} and t1.cam_layer == "features"
@@ -277,7 +284,8 @@ def test_pretrained_teacher_from_cached_file(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), path)
     t = pretrained_teacher("mobilenet_v2")
     dc = t.data_config
-    assert (dc.name, dc.image_size, dc.num_classes, dc.mean) == ("imagenet", 224, 1000, (0.485, 0.456, 0.406))
+    assert (dc.name, dc.image_size, dc.num_classes) == ("imagenet", 224, 1000)
+    assert dc.mean == (0.485, 0.456, 0.406)
     assert dc.class_names[0] == "tench" and t.cam_layer == "features"
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(t(x), ref.eval()(x))

@@ -40,7 +40,8 @@ class ConvNet(nn.Module):
             if side < 1:
                 raise ConfigError(f"ConvNet depth {depth} is too deep for {image_size}px images "
                                   f"(at most {d})")
-            norm_layer = nn.BatchNorm2d(width) if norm == "bn" else nn.GroupNorm(width, width, affine=True)
+            norm_layer = (nn.BatchNorm2d(width) if norm == "bn"
+                          else nn.GroupNorm(width, width, affine=True))
             layers += [nn.Conv2d(3 if d == 0 else width, width, 3, padding=1), norm_layer,
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
         self.features = nn.Sequential(*layers)
@@ -52,12 +53,14 @@ class ConvNet(nn.Module):
 
 
 @register_model("convnet_bn", cam_layer="features")
-def convnet_bn(num_classes: int, image_size: int, depth: int | None = None, width: int = 128) -> ConvNet:
+def convnet_bn(num_classes: int, image_size: int, depth: int | None = None,
+               width: int = 128) -> ConvNet:
     """ConvNet-BN (RDED code): ``depth`` defaults to :func:`default_depth`, ``width`` 128."""
     return ConvNet(num_classes, image_size, depth or default_depth(image_size), width, "bn")
 
 
 @register_model("convnet_in", cam_layer="features")
-def convnet_in(num_classes: int, image_size: int, depth: int | None = None, width: int = 128) -> ConvNet:
+def convnet_in(num_classes: int, image_size: int, depth: int | None = None,
+               width: int = 128) -> ConvNet:
     """ConvNet-IN (MTT/DATM/EDF code): instance norm as ``GroupNorm(width, width)``."""
     return ConvNet(num_classes, image_size, depth or default_depth(image_size), width, "in")

@@ -102,9 +102,11 @@ def build_model(name: str, num_classes: int, image_size: int, **kw) -> nn.Module
     entry = _entry(name)
     unknown = sorted(set(kw) - set(model_kwargs(name)))
     if unknown:
-        raise ConfigError(f"model {name!r} takes no option(s) {unknown}; valid: {model_kwargs(name)}")
+        raise ConfigError(f"model {name!r} takes no option(s) {unknown}; "
+                          f"valid: {model_kwargs(name)}")
     if int(num_classes) < 1 or int(image_size) < 1:
-        raise ConfigError(f"num_classes and image_size must be >= 1, got {num_classes}, {image_size}")
+        raise ConfigError(f"num_classes and image_size must be >= 1, "
+                          f"got {num_classes}, {image_size}")
     return entry.builder(int(num_classes), int(image_size), **kw)
 
 

@@ -91,7 +91,8 @@ class ResNetCifar(nn.Module):
 def _register(depth: int) -> None:
     def builder(num_classes: int, image_size: int) -> ResNetCifar:
         if image_size < 4:
-            raise ConfigError(f"resnet{depth}_cifar needs images of at least 4 px, got {image_size}")
+            raise ConfigError(f"resnet{depth}_cifar needs images of at least 4 px, "
+                              f"got {image_size}")
         return ResNetCifar((depth - 2) // 6, num_classes)
 
     builder.__doc__ = f"ResNet-{depth} for CIFAR ({(depth - 2) // 6} blocks per stage)."
@@ -137,7 +138,8 @@ def load_resnet_cifar_checkpoint(path: str | Path, arch: str, data_config: DataC
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = build_model(arch, num_classes=data_config.num_classes, image_size=data_config.image_size)
+    model = build_model(arch, num_classes=data_config.num_classes,
+                        image_size=data_config.image_size)
     mine = model.state_dict()
     for k in mine:  # older checkpoints predate BN's num_batches_tracked counter
         if k.endswith("num_batches_tracked"):
@@ -151,5 +153,5 @@ def load_resnet_cifar_checkpoint(path: str | Path, arch: str, data_config: DataC
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape "
             f"{[(k, tuple(state[k].shape)) for k in wrong[:3]]}")
     model.load_state_dict(state)
-    return Teacher(model=model, arch=arch, data_config=data_config, cam_layer=default_cam_layer(arch),
-                   source=str(path)).to(device)
+    return Teacher(model=model, arch=arch, data_config=data_config,
+                   cam_layer=default_cam_layer(arch), source=str(path)).to(device)

@@ -63,8 +63,8 @@ def _pretrained_state_dict(arch: str) -> dict:
         match = torch.hub.HASH_REGEX.search(path.name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None,
-                                           progress=False)
+            torch.hub.download_url_to_file(url, str(path), progress=False,
+                                           hash_prefix=match.group(1) if match else None)
         except Exception as exc:  # noqa: BLE001 - urllib/ssl/hash errors all mean "not available"
             raise CheckpointError(
                 f"ImageNet weights for {arch} are not cached and could not be downloaded "

@@ -55,8 +55,10 @@ class TeacherTrainConfig(ConfigBase):
     momentum: float = param(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True, source="code")
     weight_decay: float = param(5e-4, "SGD weight decay (all parameters)", lo=0.0, source="code")
     batch_size: int = param(128, "training batch size", unit="images", lo=1, source="code")
-    augment: bool = param(True, "RandomCrop (zero padding crop_pad) + horizontal flip", source="code")
-    crop_pad: int = param(4, "zero padding of the random crop", unit="px", lo=0, hi=32, source="code")
+    augment: bool = param(True, "RandomCrop (zero padding crop_pad) + horizontal flip",
+                          source="code")
+    crop_pad: int = param(4, "zero padding of the random crop", unit="px", lo=0, hi=32,
+                          source="code")
     label_smoothing: float = param(0.0, "cross-entropy label smoothing", lo=0.0, hi=1.0,
                                    hi_open=True, source="code")
     seed: int = param(0, "seed of weight init, shuffling and augmentation", lo=0)
@@ -135,9 +137,9 @@ def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
     return correct / len(split)
 
 
-def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle, device: torch.device | str = "auto",
-                  progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
-                  cache: bool = True) -> Teacher:
+def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle,
+                  device: torch.device | str = "auto", progress: ProgressFn | None = None,
+                  should_stop: Callable[[], bool] | None = None, cache: bool = True) -> Teacher:
     """Train ``cfg.arch`` on ``bundle.train`` and return the frozen :class:`Teacher` with its
     test accuracy (SPEC 0.1).
 
@@ -191,7 +193,8 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle, device: torch.
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, cfg.batch_size):
                 if should_stop is not None and should_stop():
-                    raise StoppedError(f"teacher training stopped in epoch {epoch + 1}/{cfg.epochs}")
+                    raise StoppedError(
+                        f"teacher training stopped in epoch {epoch + 1}/{cfg.epochs}")
                 idx = perm[i:i + cfg.batch_size]
                 xb = bundle.train.x[idx].to(dev).float().div_(255)
                 yb = bundle.train.y[idx].to(dev)
@@ -213,9 +216,9 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle, device: torch.
             if progress is not None:
                 progress(epoch + 1, cfg.epochs, metrics)
     seconds = time.perf_counter() - t0
-    teacher = Teacher(model=model, arch=cfg.arch, data_config=dc, cam_layer=default_cam_layer(cfg.arch),
-                      arch_kwargs=cfg.arch_kwargs(), test_acc=metrics.get("test_acc"),
-                      source=f"train_teacher {path.stem}")
+    teacher = Teacher(model=model, arch=cfg.arch, data_config=dc,
+                      cam_layer=default_cam_layer(cfg.arch), arch_kwargs=cfg.arch_kwargs(),
+                      test_acc=metrics.get("test_acc"), source=f"train_teacher {path.stem}")
     if cache:
         teacher.save(path, extra={"train_config": cfg.to_dict(), "train_seconds": seconds,
                                   "device": str(dev)})
@@ -245,7 +248,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     from ..data import load_dataset
 
-    ap = argparse.ArgumentParser(description="Regenerate the shipped teacher of the shapes dataset.")
+    ap = argparse.ArgumentParser(
+        description="Regenerate the shipped teacher of the shapes dataset.")
     ap.add_argument("--shipped", action="store_true", required=True,
                     help=f"train {SHIPPED_CONFIG} on load_dataset('shapes') and write "
                          f"{SHIPPED_TEACHER_PATH}")
