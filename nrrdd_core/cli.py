@@ -8,6 +8,8 @@
         --teacher shipped --out runs --name demo [--tau 0.5 ...]
     nrrdd evaluate runs/demo --student resnet18_small --label-mode dbr --epochs 300
     nrrdd experts ...            (when nrrdd_core.experts is installed)
+    nrrdd distill --method edf ...; nrrdd evaluate runs/edf_run --protocol edf
+    nrrdd distill ... --teacher resnet20_cifar:cifar10_resnet20_akamaster.th   (public checkpoint)
 
 Every field of a config dataclass (the chosen method's ``Config``, ``TeacherTrainConfig``,
 ``EvalConfig``, ``ExpertConfig``) is a flag generated from its metadata: ``--field-name VALUE``
@@ -137,17 +139,41 @@ def load_bundle(name: str, kwargs: dict, classes: list | None = None):
         raise ConfigError(f"dataset {name!r} does not take option(s) {sorted(kwargs)}: {exc}") from exc
 
 
-def load_teacher(ref: str, device):
-    """``"shipped"`` -> the built-in teacher, else ``Teacher.load(ref)``.
+def _public_cifar_ref(ref: str) -> tuple[str, str] | None:
+    """``(arch, path)`` of a ``resnetNN_cifar:PATH`` teacher reference, else None."""
+    arch, sep, path = ref.partition(":")
+    return (arch, path) if sep and arch.startswith("resnet") and arch.endswith("_cifar") else None
+
+
+def teacher_ref(ref: str) -> str:
+    """``ref`` with its checkpoint path made absolute (what a run records to reload it)."""
+    if ref == "shipped":
+        return ref
+    pub = _public_cifar_ref(ref)
+    return f"{pub[0]}:{Path(pub[1]).resolve()}" if pub else str(Path(ref).resolve())
+
+
+def load_teacher(ref: str, device, class_names: Sequence[str] | None = None):
+    """The teacher named by ``ref``: ``"shipped"`` (the built-in teacher), ``ARCH:PATH`` with
+    ``ARCH`` a CIFAR ResNet (``resnet20_cifar`` ... ``resnet56_cifar``) for a public
+    akamaster-format checkpoint (ImageNet mean/std, ``class_names`` or the CIFAR-10 names),
+    else a checkpoint of ours (``Teacher.load``).
 
     Raises:
-        CheckpointError: missing or unreadable checkpoint.
+        CheckpointError: missing or unreadable checkpoint, or weights that do not fit.
+        ConfigError: unknown architecture.
     """
     from .device import resolve_device
-    from .models import Teacher, shipped_teacher
+    from .models import Teacher, akamaster_data_config, load_resnet_cifar_checkpoint, shipped_teacher
 
     device = resolve_device(device)
-    return shipped_teacher(device) if ref == "shipped" else Teacher.load(ref, device=device)
+    if ref == "shipped":
+        return shipped_teacher(device)
+    pub = _public_cifar_ref(ref)
+    if pub:
+        dc = akamaster_data_config(tuple(class_names)) if class_names else akamaster_data_config()
+        return load_resnet_cifar_checkpoint(pub[1], pub[0], dc, device=device)
+    return Teacher.load(ref, device=device)
 
 
 def match_teacher(bundle, teacher):
@@ -157,6 +183,16 @@ def match_teacher(bundle, teacher):
     if names != bundle.config.class_names and set(names) <= set(bundle.config.class_names):
         return bundle.subset(list(names))
     return bundle
+
+
+def teacher_and_bundle(ref: str, device, dataset: str, kwargs: dict):
+    """``(teacher, bundle)``: the teacher of ``ref`` (:func:`load_teacher`) and the dataset
+    restricted to its classes (:func:`match_teacher`). A public checkpoint takes the dataset's
+    class names, so the dataset is built first; otherwise the teacher is loaded first, so that a
+    bad path fails before a dataset is built."""
+    full = load_bundle(dataset, kwargs) if _public_cifar_ref(ref) else None
+    teacher = load_teacher(ref, device, full.config.class_names if full else None)
+    return teacher, match_teacher(full or load_bundle(dataset, kwargs), teacher)
 
 
 class _Bar:
@@ -234,8 +270,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     root = Path(args.out) if args.out else default_runs_root()
     if (root / name).exists() and not args.overwrite:
         raise ConfigError(f"run {root / name} already exists: pick another --name or pass --overwrite")
-    teacher = load_teacher(args.teacher, args.device)
-    bundle = match_teacher(load_bundle(args.dataset, kw), teacher)
+    teacher, bundle = teacher_and_bundle(args.teacher, args.device, args.dataset, kw)
     classes = bundle.resolve_classes(_classes(args.classes))
     t0 = time.perf_counter()
     d = make_distiller(args.method, cfg, teacher=teacher, dataset=bundle, classes=classes,
@@ -244,18 +279,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     try:
         run_distiller(d, callback=lambda rec: bar(rec.step + 1, rec.total, rec.losses))
         images, labels = d.images()
+        extras = d.export_extras()
     finally:
         bar.close()
         d.close()
     seconds = time.perf_counter() - t0
     steps = [r.seconds for r in d.history]
-    ref = args.teacher if args.teacher == "shipped" else str(Path(args.teacher).resolve())
     manifest = build_manifest(
         method=args.method, config=cfg.to_dict(), teacher=teacher, bundle=bundle, classes=classes,
-        ipc=args.ipc, seed=args.seed, teacher_ref=ref, dataset_args=kw, device=str(d.device),
+        ipc=args.ipc, seed=args.seed, teacher_ref=teacher_ref(args.teacher), dataset_args=kw,
+        device=str(d.device),
         timings={"seconds": seconds, "steps": len(steps),
                  "seconds_per_step": sum(steps) / len(steps) if steps else None})
-    path = save_run(root, name, images, labels, manifest, fmt=args.format, overwrite=args.overwrite)
+    path = save_run(root, name, images, labels, manifest, fmt=args.format, overwrite=args.overwrite,
+                    extras=extras)
     print(f"{args.method}: {len(images)} images in {seconds:.1f} s -> {path}")
     return 0
 
@@ -269,18 +306,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = run.manifest
     ds = m.get("dataset", {})
     kw = {**ds.get("args", {}), **dataset_kwargs(args)}
-    teacher = load_teacher(args.teacher or m.get("teacher", {}).get("ref") or "shipped", args.device)
-    bundle = match_teacher(load_bundle(args.dataset or ds.get("name", "shapes"), kw), teacher)
+    ref = teacher_ref(args.teacher) if args.teacher else m.get("teacher", {}).get("ref") or "shipped"
+    teacher, bundle = teacher_and_bundle(ref, args.device, args.dataset or ds.get("name", "shapes"), kw)
     classes = _classes(args.classes) or ds.get("classes")
-    bar = _Bar(f"student {cfg.student}", cfg.epochs)
+    bar = _Bar(f"student ({cfg.protocol})", cfg.num_epochs)
     try:
         res = evaluate_student(run.images01, run.labels, teacher, bundle, cfg, device=args.device,
-                               seed=args.seed, progress=bar, classes=classes, label_dir=run.path)
+                               seed=args.seed, progress=bar, classes=classes, label_dir=run.path,
+                               extras=run.extras)
     finally:
         bar.close()
-    out = save_eval(run.path, {**res.to_dict(), "teacher_ref": args.teacher or m.get("teacher", {}).get("ref")})
-    print(f"final_acc {res.final_acc:.4f} best_acc {res.best_acc:.4f} "
-          f"({res.n_test} test images, {res.seconds:.1f} s) -> {out}")
+    out = save_eval(run.path, {**res.to_dict(), "teacher_ref": ref})
+    print(f"final_acc {res.final_acc:.4f} best_acc {res.best_acc:.4f} ({cfg.protocol} protocol, "
+          f"{res.config['epochs']} epochs, {res.n_test} test images, {res.seconds:.1f} s) -> {out}")
     lb = res.label_bytes
     if lb.get(cfg.label_mode):
         print(f"stored {cfg.label_mode} labels: {lb[cfg.label_mode]} bytes")
@@ -304,6 +342,8 @@ def cmd_experts(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch default) [default 0]")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="seed of the run's generator [default 0]")
 
@@ -342,8 +382,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=methods, help="distillation method")
     _add_dataset_args(p)
     p.add_argument("--ipc", type=int, default=10, help="images per class [default 10]")
-    p.add_argument("--teacher", default="shipped", help="teacher checkpoint path, or 'shipped' "
-                   "(the built-in dataset's teacher) [default shipped]")
+    p.add_argument("--teacher", default="shipped", help="teacher checkpoint path, 'shipped' "
+                   "(the built-in dataset's teacher) or ARCH:PATH for a public CIFAR ResNet "
+                   "checkpoint, e.g. resnet20_cifar:cifar10_resnet20_akamaster.th [default shipped]")
     p.add_argument("--out", help="runs root folder [default $NRRDD_RUNS or ./runs]")
     p.add_argument("--name", help="run folder name [default <method>_<dataset>_ipc<N>_s<seed>]")
     p.add_argument("--format", default="png", choices=list(FORMATS), help="image files [default png]")
@@ -356,7 +397,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="train a student on a saved run and report top-1 accuracy")
     p.add_argument("run_dir", help="run folder written by nrrdd distill")
-    p.add_argument("--teacher", help="teacher checkpoint or 'shipped' [default: the run's teacher]")
+    p.add_argument("--teacher", help="teacher checkpoint, 'shipped' or ARCH:PATH (see distill) "
+                   "[default: the run's teacher]")
     _add_dataset_args(p, default=None)
     _common(p)
     add_config_args(p, EvalConfig)
@@ -383,6 +425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "threads", 0):
+            if args.threads < 0:
+                raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except NrrddError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

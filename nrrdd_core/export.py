@@ -8,9 +8,13 @@ A distilled set ("run") is a folder ``<root>/<name>/``:
 - ``labels_hard.pt``: the int64 labels ``(N,)`` in image order (``weights_only`` loadable);
 - ``labels_soft/``, ``labels_dbr/``: stored soft / DBR labels when written
   (:class:`nrrdd_core.labels.SoftLabelStore`);
+- ``extras.pt``: the tensors among the method's extras (``Distiller.export_extras()``, e.g. EDF's
+  learned label logits ``(N,C)``), a ``weights_only``-loadable dict; their plain values (EDF's
+  learned lr, architecture, ZCA eps) are in the manifest under ``extras``;
 - ``evals/*.json``: student evaluation results (:func:`save_eval`);
 - ``manifest.json``: method, full config, teacher, dataset, classes, IPC, seed, versions, timings,
-  creation time, image format and the image file names in order.
+  creation time, image format, the image file names in order, ``extras`` (plain values) and
+  ``extra_tensors`` (name -> shape of each tensor in ``extras.pt``).
 
 Loading a PNG run gives exactly ``to_float01(to_uint8(images01))`` of what was saved. The folder is
 built in a hidden temporary folder beside the target and renamed into place (``os.replace``), so a
@@ -28,7 +32,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IMAGES_DIR = "images"
+EXTRAS_FILE = "extras.pt"
 EVALS_DIR = "evals"
 FORMATS = {"png": ".png", "jpeg": ".jpg"}
 JPEG_QUALITY = 75
@@ -121,9 +126,31 @@ def _encode(img_u8: torch.Tensor, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _split_extras(extras: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, plain values)`` of a method's extras.
+
+    Raises:
+        ConfigError: a key that is not an identifier, or a value that is neither a tensor nor
+            JSON-serialisable.
+    """
+    tensors, values = {}, {}
+    for k, v in extras.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ConfigError(f"run extra name {k!r} must be an identifier")
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().cpu().contiguous()
+        else:
+            values[k] = v
+    try:
+        json.dumps(values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"run extras must be tensors or JSON values: {exc}") from exc
+    return tensors, values
+
+
 def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels: torch.Tensor,
              manifest: dict, fmt: str = "png", label_files: dict[str, str | os.PathLike] | None = None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, extras: dict | None = None) -> Path:
     """Write a distilled set to ``<root>/<name>/`` atomically.
 
     Args:
@@ -132,20 +159,24 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
         images01: ``(N,3,H,W)`` float images in [0, 1] (quantised to uint8, rounded).
         labels: ``(N,)`` int labels in the teacher's label space.
         manifest: fields to record (see :func:`build_manifest`); ``format``, ``images``,
-            ``num_images``, ``image_shape``, ``versions`` and ``created`` are added.
+            ``num_images``, ``image_shape``, ``extras``, ``extra_tensors``, ``versions`` and
+            ``created`` are added (replacing those of a manifest read back from a run).
         fmt: ``"png"`` (lossless) or ``"jpeg"`` (quality 75).
         label_files: extra label files or folders to copy in, ``{name in the run: source path}``
             (e.g. ``{"labels_soft": store_dir}``).
         overwrite: replace an existing run of the same name.
+        extras: the method's extra results (``Distiller.export_extras()``): tensors go to
+            ``extras.pt``, plain JSON values to the manifest; :func:`load_run` gives them back.
 
     Returns:
         The run folder.
 
     Raises:
-        ConfigError: bad name or format, or the run exists and ``overwrite`` is False.
+        ConfigError: bad name or format, bad extras, or the run exists and ``overwrite`` is False.
         DataError: images and labels do not match.
     """
     check_name(name)
+    extra_tensors, extra_values = _split_extras(extras or {})
     if fmt not in FORMATS:
         raise ConfigError(f"image format {fmt!r} is not one of {list(FORMATS)}")
     if images01.ndim != 4 or images01.shape[1] != 3 or len(images01) != len(labels):
@@ -169,6 +200,8 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
             (tmp / IMAGES_DIR / fname).write_bytes(_encode(img, fmt))
             files.append(fname)
         atomic_torch_save(labels, tmp / HARD_LABELS_FILE)
+        if extra_tensors:
+            atomic_torch_save(extra_tensors, tmp / EXTRAS_FILE)
         for rel, src in (label_files or {}).items():
             check_name(rel, "label file name")
             src = Path(src)
@@ -178,7 +211,9 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
                 shutil.copy2(src, tmp / rel)
         atomic_write_json(tmp / MANIFEST, {
             **manifest, "format": fmt, "images": files, "num_images": len(files),
-            "image_shape": list(u8.shape[1:]), "versions": versions(),
+            "image_shape": list(u8.shape[1:]), "extras": extra_values,
+            "extra_tensors": {k: list(v.shape) for k, v in extra_tensors.items()},
+            "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if target.exists():
             trash = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old-"))
@@ -203,12 +238,16 @@ class Run:
         labels: ``(N,)`` int64 (teacher label space).
         manifest: the parsed ``manifest.json``.
         path: the run folder.
+        extras: the method's extra results saved with the run (tensors on CPU and plain values,
+            e.g. EDF's ``label_logits`` ``(N,C)``, ``syn_lr``, ``arch_kwargs``, ``zca_eps``); pass
+            them to ``evaluate_student(..., extras=run.extras)``. Empty for other methods.
     """
 
     images01: torch.Tensor
     labels: torch.Tensor
     manifest: dict
     path: Path
+    extras: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -235,8 +274,9 @@ def load_run(path: str | os.PathLike) -> Run:
     """Load a run folder written by :func:`save_run`.
 
     Raises:
-        DataError: missing folder / manifest / image, or images and labels disagree.
-        CheckpointError: unreadable labels file.
+        DataError: missing folder / manifest / image, images and labels disagree, or the extra
+            tensors listed in the manifest are missing or differ in shape.
+        CheckpointError: unreadable labels or extras file.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -253,7 +293,25 @@ def load_run(path: str | os.PathLike) -> Run:
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image {p}: {exc}") from exc
         imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-    return Run(to_float01(torch.stack(imgs)), labels.long(), manifest, path)
+    return Run(to_float01(torch.stack(imgs)), labels.long(), manifest, path,
+               _load_extras(path, manifest))
+
+
+def _load_extras(path: Path, manifest: dict) -> dict:
+    """The run's extras: the manifest's plain values plus the tensors of ``extras.pt``, checked
+    against the shapes the manifest lists."""
+    extras = dict(manifest.get("extras") or {})
+    shapes = manifest.get("extra_tensors") or {}
+    if not shapes:
+        return extras
+    tensors = safe_torch_load(path / EXTRAS_FILE) if (path / EXTRAS_FILE).is_file() else {}
+    for k, shape in shapes.items():
+        t = tensors.get(k) if isinstance(tensors, dict) else None
+        if not isinstance(t, torch.Tensor) or list(t.shape) != list(shape):
+            raise DataError(f"{path}: extra tensor {k!r} {list(shape)} is missing from "
+                            f"{EXTRAS_FILE} or has another shape; the run is damaged")
+        extras[k] = t
+    return extras
 
 
 @dataclass

@@ -123,3 +123,28 @@ def test_teacher_train(capsys, tmp_path):
     assert code == 0, err
     t = Teacher.load(out_path)
     assert t.data_config.class_names == ("circle", "square") and "test_acc" in out
+
+
+def test_experts_distill_edf_and_evaluate_edf(capsys, tmp_path, teacher_path):
+    code, out, err = run(capsys, "experts", *SHAPES, "--num-experts", "1", "--epochs", "2",
+                         "--width", "8", "--depth", "2", "--batch-size", "20", "--device", "cpu")
+    assert code == 0, err
+    buffer = out.strip().split("expert buffer: ")[-1]
+    code, out, err = run(capsys, "distill", "--method", "edf", *SHAPES, "--classes", "circle,star",
+                         "--ipc", "1", "--teacher", str(teacher_path), "--out", str(tmp_path),
+                         "--name", "e", "--device", "cpu", "--threads", "1", "--buffer", buffer,
+                         "--iterations", "2", "--syn-steps", "2", "--batch-syn", "2",
+                         "--current-max-start-epoch", "1", "--max-start-epoch", "1",
+                         "--expert-epochs", "1")
+    assert code == 0, err
+    saved = load_run(tmp_path / "e")
+    ex = saved.extras
+    assert ex["label_logits"].shape == (2, 10) and ex["arch_kwargs"] == {"depth": 2, "width": 8}
+    assert saved.labels.tolist() == ex["label_logits"].argmax(1).tolist() and ex["syn_lr"] > 0
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "e"), "--protocol", "edf", "--epochs",
+                         "2", "--device", "cpu")
+    assert code == 0, err
+    assert "edf protocol, 2 epochs" in out
+    conf = list_evals(tmp_path / "e")[0]["config"]
+    assert conf["lr"] == ex["syn_lr"] and conf["arch_kwargs"] == ex["arch_kwargs"]
+    assert conf["soft_labels"] and conf["epochs"] == 2

@@ -181,3 +181,29 @@ def test_evaluate_edf(setup):
     assert again.history[-1]["loss"] == res.history[-1]["loss"]
     hard = evaluate_student(x, y, teacher, bundle, cfg, device="cpu", seed=0)
     assert hard.config["soft_labels"] is False
+
+
+def test_saved_run_keeps_the_edf_protocol_inputs(setup, tmp_path):
+    from nrrdd_core.evaluate import EvalConfig, evaluate_student
+    from nrrdd_core.export import load_run, save_run
+
+    bundle, teacher, _ = setup
+    d = run(make(setup, iterations=1))
+    x, y = d.images()
+    extras = d.export_extras()
+    assert extras.keys() == d.eval_kwargs().keys() and extras["label_logits"].shape == (6, 3)
+    loaded = load_run(save_run(tmp_path, "edf", x, y, {"method": "edf"}, extras=extras))
+    assert torch.equal(loaded.extras["label_logits"], extras["label_logits"])
+    assert {k: v for k, v in loaded.extras.items() if k != "label_logits"} == \
+        {k: v for k, v in extras.items() if k != "label_logits"}
+    cfg = EvalConfig(protocol="edf", epochs=1, eval_every=1)
+    direct = evaluate_student(loaded.images01, loaded.labels, teacher, bundle, cfg, device="cpu",
+                              **d.eval_kwargs())
+    via_run = evaluate_student(loaded.images01, loaded.labels, teacher, bundle, cfg, device="cpu",
+                               extras=loaded.extras)
+    assert via_run.history == [dict(h, seconds=v["seconds"]) for h, v in
+                               zip(direct.history, via_run.history)]
+    assert via_run.config["lr"] == extras["syn_lr"] and via_run.config["soft_labels"]
+    kd = evaluate_student(loaded.images01, loaded.labels, teacher, bundle,
+                          EvalConfig(epochs=1, student_width=8), device="cpu", extras=loaded.extras)
+    assert kd.config["protocol"] == "kd"

@@ -48,6 +48,11 @@ def test_rules():
     assert default_batch_size(10, 100, 10_000) == 100 and default_batch_size(50, 10, 30) == 30
 
 
+def test_epochs_default_by_protocol():
+    assert EvalConfig().epochs == 0 and EvalConfig().num_epochs == 300
+    assert EvalConfig(protocol="edf").num_epochs == 1000 and EvalConfig(epochs=7).num_epochs == 7
+
+
 def test_random_real_subset(bundle):
     x, y = random_real_subset(bundle, ["k1", 3], ipc=2, seed=5)
     assert x.shape == (4, 3, S, S) and y.tolist() == [1, 1, 3, 3]
@@ -72,6 +77,7 @@ def test_label_modes_run_and_are_deterministic(bundle, teacher, mode):
     assert len(res.history) == 2 and "acc" in res.history[-1] and res.history[0]["lr"] == 1e-3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     assert res.config["batch_size"] == 6 and res.label_bytes["soft"] == res.label_bytes["dbr"] == 0
+    assert res.config["epochs"] == 2
     again = evaluate_student(x, y, teacher, bundle, cfg, device="cpu", seed=1)
     assert [h["loss"] for h in again.history] == [h["loss"] for h in res.history]
     assert again.final_acc == res.final_acc

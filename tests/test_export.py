@@ -99,3 +99,22 @@ def test_build_manifest_is_json():
                        teacher_ref="shipped", dataset_args={"seed": 0}, timings={"seconds": 1.0})
     assert m["dataset"]["class_names"] == ["x", "z"] and m["teacher"]["test_acc"] == 0.9
     assert json.loads(json.dumps(m)) == m
+
+
+def test_extras_round_trip_and_damage(tmp_path):
+    x, y = sample()
+    logits = torch.randn(6, 10, generator=make_generator(1))
+    extras = {"label_logits": logits, "syn_lr": 0.0123, "arch_kwargs": {"depth": 2, "width": 8},
+              "zca_eps": None}
+    run = load_run(save_run(tmp_path, "e", x, y, {"method": "edf"}, extras=extras))
+    assert set(run.extras) == set(extras) and torch.equal(run.extras["label_logits"], logits)
+    assert run.extras["syn_lr"] == 0.0123 and run.extras["arch_kwargs"] == {"depth": 2, "width": 8}
+    assert run.manifest["extra_tensors"] == {"label_logits": [6, 10]} and run.extras["zca_eps"] is None
+    assert load_run(save_run(tmp_path, "plain", x, y, run.manifest)).extras == {}  # not carried over
+    (run.path / "extras.pt").unlink()
+    with pytest.raises(DataError, match="label_logits"):
+        load_run(run.path)
+    for bad in ({"no-id": 1}, {"obj": object()}):
+        with pytest.raises(ConfigError):
+            save_run(tmp_path, "bad", x, y, {}, extras=bad)
+    assert not (tmp_path / "bad").exists()

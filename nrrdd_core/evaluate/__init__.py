@@ -6,6 +6,10 @@ Example::
     cfg = EvalConfig(student="resnet18_small", label_mode="dbr", epochs=300)
     res = evaluate_student(x01, y, teacher, bundle, cfg, device="auto", seed=0)
     res.final_acc, res.best_acc
+
+    run = load_run("runs/edf_demo")               # an EDF run: its learned labels and lr
+    res = evaluate_student(run.images01, run.labels, teacher, bundle, EvalConfig(protocol="edf"),
+                           extras=run.extras)
 """
 
 from __future__ import annotations
@@ -29,13 +33,19 @@ def evaluate_student(images01: torch.Tensor, labels: torch.Tensor, teacher: Teac
                      progress: Callable[[int, int, dict], None] | None = None,
                      should_stop: Callable[[], bool] | None = None,
                      classes: Sequence[int | str] | None = None,
-                     label_dir: str | Path | None = None, **kwargs) -> EvalResult:
+                     label_dir: str | Path | None = None, extras: dict | None = None,
+                     **kwargs) -> EvalResult:
     """Train a fresh student on ``(images01, labels)`` and report top-1 on ``bundle``'s test split.
 
     Dispatches on ``cfg.protocol``: ``"kd"`` -> :func:`.kd.evaluate_kd` (arguments documented
     there); ``"edf"`` -> ``.edf.evaluate_edf(images01, labels, teacher, bundle, cfg, device=,
     seed=, progress=, should_stop=, classes=, **kwargs)``. ``kwargs`` are protocol-specific
     (e.g. EDF's learned soft labels and learning rate).
+
+    ``extras`` are a distilled set's method-specific results (``Run.extras`` of a loaded run, or
+    ``Distiller.export_extras()``): the EDF protocol takes those named in ``.edf.RUN_EXTRAS``
+    (learned label logits ``(N,C)``, student lr, ConvNet-IN architecture, ZCA eps; explicit
+    ``kwargs`` win); the KD protocol uses none of them.
 
     Raises:
         ConfigError: the EDF protocol is asked for but not installed, or bad settings.
@@ -50,6 +60,7 @@ def evaluate_student(images01: torch.Tensor, labels: torch.Tensor, teacher: Teac
                 raise
             raise ConfigError("the edf evaluation protocol is not available in this build; "
                               "use protocol=kd") from exc
+        kwargs = {**{k: v for k, v in (extras or {}).items() if k in edf.RUN_EXTRAS}, **kwargs}
         return edf.evaluate_edf(images01, labels, teacher, bundle, cfg, device=device, seed=seed,
                                 progress=progress, should_stop=should_stop, classes=classes, **kwargs)
     if kwargs:

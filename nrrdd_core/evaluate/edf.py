@@ -26,8 +26,11 @@ from .kd import EvalConfig, EvalResult, eval_epochs
 
 log = logging.getLogger(__name__)
 
-#: SPEC 4.6 defaults when the caller gives none.
-DEFAULT_EPOCHS = 1000
+#: Keyword arguments of :func:`evaluate_edf` taken from a run's extras
+#: (``EDFDistiller.export_extras()``, ``Run.extras``).
+RUN_EXTRAS = ("label_logits", "syn_lr", "arch_kwargs", "zca_eps")
+
+#: SPEC 4.6 defaults when the caller gives none (epochs: ``EvalConfig.num_epochs``).
 DEFAULT_LR = 0.01
 DEFAULT_BATCH = 256
 
@@ -47,7 +50,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
         labels: ``(N,)`` int64 labels in ``bundle``'s label space, or ``(N,C)`` label logits.
         teacher: unused by the protocol (kept for the dispatcher's signature; may be None).
         bundle: dataset: its config normalises the images, its test split is used.
-        cfg: :class:`EvalConfig`; used fields: ``epochs`` (unless ``epochs`` is given),
+        cfg: :class:`EvalConfig`; used fields: ``num_epochs`` (unless ``epochs`` is given),
             ``batch_size`` (0 = 256 capped at N), ``student_depth``/``student_width`` (unless
             ``arch_kwargs``), ``eval_every``.
         device, seed: training device; seed of the weights, batch order and DSA.
@@ -58,7 +61,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
         syn_lr: learned student lr (default 0.01).
         arch_kwargs: ConvNet-IN ``depth``/``width`` of the distillation network.
         zca_eps: the ZCA eps the experts used (None = no ZCA); ZCA is refitted on ``bundle``.
-        epochs: student epochs (default ``cfg.epochs``; the SPEC uses 1000).
+        epochs: student epochs (default ``cfg.num_epochs``: 1000 when ``cfg.epochs`` is 0).
 
     Returns:
         :class:`EvalResult` with accuracies in [0, 1].
@@ -80,7 +83,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
     lr = float(syn_lr) if syn_lr is not None else DEFAULT_LR
     if not lr > 0:
         raise ConfigError(f"EDF evaluation lr must be > 0, got {lr}")
-    epochs = int(epochs or cfg.epochs)
+    epochs = int(epochs or cfg.num_epochs)
     labels = labels.detach().cpu().long()
     cls = sorted(set(labels.tolist())) if classes is None else bundle.resolve_classes(classes)
     keep = torch.isin(bundle.test.y, torch.tensor(cls))

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
 
+#: Student epochs of each protocol when ``EvalConfig.epochs`` is 0 (SPEC 0.4: 300; SPEC 4.6: 1000).
+PROTOCOL_EPOCHS = {"kd": 300, "edf": 1000}
+
 
 @dataclass(frozen=True)
 class EvalConfig(ConfigBase):
@@ -50,7 +53,8 @@ class EvalConfig(ConfigBase):
                                lo=0, hi=8, source="code")
     student_width: int = param(0, "ConvNet student width; 0 = builder default (128)",
                                unit="channels", lo=0, hi=1024, source="code")
-    epochs: int = param(300, "student training epochs", unit="epochs", lo=1, hi=5000, source="code")
+    epochs: int = param(0, "student training epochs; 0 = the protocol's default (kd 300, SPEC 0.4; "
+                        "edf 1000, SPEC 4.6)", unit="epochs", lo=0, hi=5000, source="code")
     batch_size: int = param(0, "batch size; 0 = SPEC rule (IPC 1/10/50 -> 10/50/100, x2 for >= 100 "
                             "classes, capped at N)", unit="images", lo=0, source="code")
     lr: float = param(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, source="code")
@@ -79,6 +83,11 @@ class EvalConfig(ConfigBase):
     eval_every: int = param(0, "test every k epochs (and the last); 0 = SPEC rule (e % 10 == 9 and "
                             "e > 0.8E)", unit="epochs", lo=0, source="code")
 
+    @property
+    def num_epochs(self) -> int:
+        """Epochs actually trained: ``epochs``, or the protocol's default when it is 0."""
+        return self.epochs or PROTOCOL_EPOCHS[self.protocol]
+
     def aug_spec(self) -> AugSpec:
         return AugSpec(mix=self.mix, factor=self.factor, flip=self.flip, randaugment=self.randaugment)
 
@@ -105,7 +114,8 @@ class EvalResult:
         n_test: number of real test images used.
         label_bytes: :func:`~nrrdd_core.labels.label_storage_bytes` of the stored labels (all
             zero when labels were computed online).
-        config: the :class:`EvalConfig` as a dict, plus ``seed`` and ``batch_size`` used.
+        config: the :class:`EvalConfig` as a dict, with the ``epochs``, ``seed`` and
+            ``batch_size`` used.
     """
 
     final_acc: float
@@ -229,6 +239,7 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
     n = len(x_u8)
     batch_size = cfg.batch_size or default_batch_size(n / len(cls), len(cls), n)
     batch_size = min(batch_size, n)
+    epochs = cfg.num_epochs
     aug_spec, loss_spec = cfg.aug_spec(), cfg.loss_spec()
     teacher.to(dev)
     x01 = to_float01(x_u8).to(dev)
@@ -240,8 +251,8 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
         student = build_model(cfg.student, teacher.num_classes, dc.image_size, **cfg.student_kwargs()).to(dev)
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: smoothing_lr(e, cfg.epochs))
-    tested = set(eval_epochs(cfg.epochs, cfg.eval_every))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: smoothing_lr(e, epochs))
+    tested = set(eval_epochs(epochs, cfg.eval_every))
 
     with tempfile.TemporaryDirectory(prefix="nrrdd_labels_") as tmp:
         store = None
@@ -251,14 +262,14 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
                                    num_values=teacher.num_classes if cfg.label_mode == "soft" else DBR_VALUES,
                                    num_images=n, key=_store_key(x_u8, labels, teacher, cfg, batch_size, seed))
         history: list[dict] = []
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             te = time.perf_counter()
             student.train()
             lr = opt.param_groups[0]["lr"]
             sums: dict[str, float] = {}
             for batch in epoch_batches(x01, y, batch_size, gen, aug_spec, loss_spec, teacher, store, epoch):
                 if should_stop is not None and should_stop():
-                    raise StoppedError(f"student training stopped in epoch {epoch + 1}/{cfg.epochs}")
+                    raise StoppedError(f"student training stopped in epoch {epoch + 1}/{epochs}")
                 logits = student(dc.normalize(batch.x_mix01))
                 loss, terms = student_loss(logits, batch.values, batch.y, batch.y_perm, batch.lam, loss_spec)
                 if not torch.isfinite(loss):
@@ -275,12 +286,12 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
                 rec["acc"] = evaluate_accuracy(student, test, dc, dev)
             rec["seconds"] = time.perf_counter() - te
             history.append(rec)
-            log.info("student epoch %d/%d %s", epoch + 1, cfg.epochs, rec)
+            log.info("student epoch %d/%d %s", epoch + 1, epochs, rec)
             if progress is not None:
-                progress(epoch + 1, cfg.epochs, rec)
+                progress(epoch + 1, epochs, rec)
         label_bytes = label_storage_bytes(store.files() if store is not None else [])
     accs = [r["acc"] for r in history if "acc" in r]
-    conf = {**cfg.to_dict(), "seed": int(seed), "batch_size": batch_size}
+    conf = {**cfg.to_dict(), "epochs": epochs, "seed": int(seed), "batch_size": batch_size}
     return EvalResult(final_acc=accs[-1], best_acc=max(accs), history=history,
                       seconds=time.perf_counter() - t0, n_test=len(test), label_bytes=label_bytes,
                       config=conf)

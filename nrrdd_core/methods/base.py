@@ -197,6 +197,13 @@ class Distiller(abc.ABC):
         in [0,1] pixel units. Methods include what they have."""
         return {}
 
+    def export_extras(self) -> dict:
+        """Method-specific results a saved run keeps beside its images and hard labels, for the
+        method's own evaluation protocol: CPU tensors and JSON-serialisable plain values keyed by
+        identifier names (:func:`nrrdd_core.export.save_run` ``extras=``; read back as
+        ``Run.extras``). Default: none."""
+        return {}
+
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (tensors and plain types only)."""
         return {"name": self.name, "config": self.config.to_dict(), "step_index": self.step_index,

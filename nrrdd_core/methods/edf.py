@@ -310,16 +310,22 @@ class EDFDistiller(Distiller):
             out["mask"] = self.dae_map / self.dae_map.amax((1, 2, 3), keepdim=True)
         return out
 
-    def eval_kwargs(self) -> dict:
-        """Keyword arguments for :func:`nrrdd_core.evaluate.edf.evaluate_edf` (SPEC 4.6): the
-        learned ``label_logits`` ``(N,C)`` and ``syn_lr``, the ConvNet-IN ``arch_kwargs`` and the
-        ``zca_eps`` (None without ZCA)."""
+    def export_extras(self) -> dict:
+        """What the EDF protocol (SPEC 4.6) needs besides the images, stored with a saved run:
+        the learned ``label_logits`` ``(N,C)`` float32 (C = the dataset's classes, image order),
+        the learned student lr ``syn_lr`` (float), the ConvNet-IN ``arch_kwargs`` of the expert
+        buffer and the buffer's ``zca_eps`` (None without ZCA). Empty before initialisation."""
         if self.x_syn is None:
             return {}
         zca_cfg = self.buffer.manifest["config"]
-        return {"label_logits": self.y_logits.detach().cpu(), "syn_lr": float(self.syn_lr.detach()),
-                "arch_kwargs": dict(self.buffer.arch_kwargs),
+        return {"label_logits": self.y_logits.detach().cpu().float(),
+                "syn_lr": float(self.syn_lr.detach()), "arch_kwargs": dict(self.buffer.arch_kwargs),
                 "zca_eps": zca_cfg.get("zca_eps") if zca_cfg.get("zca") else None}
+
+    def eval_kwargs(self) -> dict:
+        """Keyword arguments for :func:`nrrdd_core.evaluate.edf.evaluate_edf`: the same as
+        :meth:`export_extras` (the EDF protocol takes all of them)."""
+        return self.export_extras()
 
     def state_dict(self) -> dict:
         s = super().state_dict()
