@@ -148,3 +148,4 @@ def test_experts_distill_edf_and_evaluate_edf(capsys, tmp_path, teacher_path):
     conf = list_evals(tmp_path / "e")[0]["config"]
     assert conf["lr"] == ex["syn_lr"] and conf["arch_kwargs"] == ex["arch_kwargs"]
     assert conf["soft_labels"] and conf["epochs"] == 2
+    assert (conf["student"], conf["label_mode"]) == ("convnet_in", "soft")

@@ -137,7 +137,8 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
             progress(epoch + 1, epochs, rec)
     accs = [r["acc"] for r in history if "acc" in r]
     conf = {**cfg.to_dict(), "protocol": "edf", "seed": int(seed), "batch_size": batch, "epochs": epochs,
-            "lr": lr, "arch": "convnet_in", "arch_kwargs": kw, "zca_eps": zca_eps,
+            "lr": lr, "student": "convnet_in", "arch": "convnet_in", "arch_kwargs": kw,
+            "zca_eps": zca_eps, "label_mode": "soft" if targets is not None else "hard",
             "soft_labels": targets is not None}
     return EvalResult(final_acc=accs[-1], best_acc=max(accs), history=history,
                       seconds=time.perf_counter() - t0, n_test=int(keep.sum()), config=conf)
