@@ -39,10 +39,11 @@ if st.session_state.get(K.CAM_LAYER) not in layers:
 layer = c[1].selectbox("Layer", layers, key=K.CAM_LAYER, **PERSIST)
 cmap = c[2].selectbox("Colour map", list(COLORMAPS), key=K.CAM_CMAP, **PERSIST)
 alpha = c[3].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key=K.CAM_ALPHA, **PERSIST)
-c = st.columns([2, 1, 1, 1])
-per_class = c[1].slider("Images per class", 1, 12, 4, key=K.PER_CLASS, **PERSIST)
-topk = c[2].slider("Top-k predictions", 1, 5, 3, key=K.TOPK, **PERSIST)
-which = c[3].radio("Show", list(FILTERS), key=K.FILTER, format_func=FILTERS.get, **PERSIST)
+c = st.columns(3)
+per_class = c[0].slider("Images per class", 1, 12, 4, key=K.PER_CLASS, **PERSIST)
+topk = c[1].slider("Top-k predictions", 1, 5, 3, key=K.TOPK, **PERSIST)
+which = c[2].radio("Show", list(FILTERS), key=K.FILTER, format_func=FILTERS.get,
+                   horizontal=True, **PERSIST)
 
 if method == "scorecam" and not st.checkbox("Compute Score-CAM anyway (slow)", key=K.SCORECAM_OK):
     st.info("Score-CAM needs one forward pass per channel and image: tick the box to run it.")
@@ -146,13 +147,10 @@ def cidd() -> None:
     tiles, caps = [], []
     for r in range(m_crops):
         i, j, h, w = cand.boxes[r].tolist()
-        tags = []
-        if cand.kept[r]:
-            tags.append("passes CAM filter")
-        if r == cand.lowest:
-            tags.append("KEPT (lowest conf.)")
-        if r == cand.highest:
-            tags.append("KEPT (highest conf.)")
+        kept = [sel for sel, pos in (("lowest", cand.lowest), ("highest", cand.highest))
+                if pos == r]
+        tags = (["in top t"] if cand.kept[r] else []) + (
+            [f"KEPT by {' & '.join(kept)}"] if kept else [])
         tiles.append(widgets.to_hwc(cand.crops01[r]))
         caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}"
                     + (f" · {', '.join(tags)}" if tags else ""))

@@ -4,6 +4,7 @@ screenshots. ``tests/test_browser.py`` and ``bench/ui_speed.py`` use the same he
 Usage::
 
     python scripts/screenshots.py   # docs/img/*.png: built-in dataset, shipped teacher
+    python scripts/screenshots.py --full     # tiny settings; also runs Compare and Evaluate
     python scripts/screenshots.py --out /tmp/shots --query "teacher=file&teacher_path=t.pt"
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -155,11 +158,19 @@ def watch_live_image(page, changes: int, timeout: float = 60.0) -> list[tuple[fl
     raise TimeoutError(f"live image changed {max(0, len(seen) - 1)} times in {timeout} s")
 
 
+def wait_done(page, timeout: float = 900.0) -> None:
+    """Wait until the page's job progress bar says done (or stopped / error)."""
+    page.locator('[data-testid="stProgress"]').filter(
+        has_text=re.compile(r"^(done|stopped|error)")).wait_for(timeout=timeout * 1000)
+    idle(page)
+
+
 def walk(page, base: str, query: str = "", shots: Path | None = None,
-         iterations: int | None = None) -> dict:
+         iterations: int | None = None, full: bool = False) -> dict:
     """The user walk: Setup (choose a class) -> Explorer (move tau) -> Refine (start, watch the
-    images change twice, stop) -> Compare -> Evaluate -> Runs, with a screenshot of each page
-    when ``shots`` is a folder. Returns a few observations for tests."""
+    images change twice, stop, save) -> Compare -> Evaluate -> Runs, with a screenshot of each
+    page when ``shots`` is a folder; ``full`` also runs the comparison and an evaluation.
+    Returns a few observations for tests."""
     out: dict = {}
 
     def shot(name: str) -> None:
@@ -206,8 +217,12 @@ def walk(page, base: str, query: str = "", shots: Path | None = None,
     page.get_by_role("button", name="Save run").click()
     page.get_by_text("Saved to").wait_for()
 
-    for title in ("Compare", "Evaluate", "Runs"):
+    for title, button in (("Compare", "Run comparison"), ("Evaluate", "Start evaluation"),
+                          ("Runs", None)):
         goto_page(page, title)
+        if full and button:
+            page.get_by_role("button", name=button).click()
+            wait_done(page)
         shot(title.lower())
     return out
 
@@ -216,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     ap.add_argument("--query", default="", help="URL query of the setup (default: built-in)")
-    ap.add_argument("--tiny", action="store_true", help="NRRDD_STUDIO_TINY=1")
+    ap.add_argument("--full", action="store_true",
+                    help="tiny settings (NRRDD_STUDIO_TINY=1) and also run Compare and Evaluate")
     args = ap.parse_args(argv)
-    env = {"NRRDD_STUDIO_TINY": "1"} if args.tiny else {}
-    with serve(env) as (base, _), browser() as page:
-        walk(page, base, args.query, shots=args.out)
+    env = {"NRRDD_STUDIO_TINY": "1"} if args.full else {}
+    with tempfile.TemporaryDirectory() as runs, serve({**env, "NRRDD_RUNS": runs}) as (base, _), \
+            browser() as page:
+        walk(page, base, args.query, shots=args.out, iterations=3000 if args.full else None,
+             full=args.full)
     print(f"screenshots in {args.out}")
     return 0
 
