@@ -106,12 +106,14 @@ def _parse_value(text: str):
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict:
-    """``load_dataset`` keyword arguments from the dataset flags (only those given).
+    """``load_dataset`` keyword arguments from the dataset flags (only those given; ``root``
+    made absolute, so that a run's manifest rebuilds the dataset from any folder).
 
     Raises:
         ConfigError: a ``--dataset-opt`` without ``=``.
     """
-    kw = {k: v for k, v in (("root", args.data_root), ("train_file", args.train_file),
+    root = str(Path(args.data_root).resolve()) if args.data_root else None
+    kw = {k: v for k, v in (("root", root), ("train_file", args.train_file),
                             ("test_file", args.test_file), ("image_size", args.image_size))
           if v is not None}
     for opt in args.dataset_opt:
@@ -307,7 +309,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = m.get("dataset", {})
     kw = {**ds.get("args", {}), **dataset_kwargs(args)}
     ref = teacher_ref(args.teacher) if args.teacher else m.get("teacher", {}).get("ref") or "shipped"
-    teacher, bundle = teacher_and_bundle(ref, args.device, args.dataset or ds.get("name", "shapes"), kw)
+    entry = args.dataset or ds.get("source", {}).get("dataset") or ds.get("name", "shapes")
+    teacher, bundle = teacher_and_bundle(ref, args.device, entry, kw)
     classes = _classes(args.classes) or ds.get("classes")
     bar = _Bar(f"student ({cfg.protocol})", cfg.num_epochs)
     try:

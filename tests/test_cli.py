@@ -149,3 +149,30 @@ def test_experts_distill_edf_and_evaluate_edf(capsys, tmp_path, teacher_path):
     assert conf["lr"] == ex["syn_lr"] and conf["arch_kwargs"] == ex["arch_kwargs"]
     assert conf["soft_labels"] and conf["epochs"] == 2
     assert (conf["student"], conf["label_mode"]) == ("convnet_in", "soft")
+
+
+def test_npz_run_evaluates_from_another_folder(capsys, tmp_path, monkeypatch):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 12), ("test", 6)):
+        np.savez(data / f"tiny_{split}.npz", x=g.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                 y=np.arange(n, dtype=np.int64) % 3)
+    monkeypatch.chdir(tmp_path)
+    npz = ["--dataset", "npz", "--data-root", "data", "--train-file", "tiny_train.npz",
+           "--test-file", "tiny_test.npz", "--device", "cpu"]
+    code, _, err = run(capsys, "teacher", "train", *npz, "--arch", "convnet_bn", "--width", "8",
+                       "--epochs", "1", "--out", "t.pt")
+    assert code == 0, err
+    code, _, err = run(capsys, "distill", "--method", "rded", *npz, "--ipc", "1", "--teacher",
+                       "t.pt", "--mipc", "2", "--num-crops", "1", "--out", "runs", "--name", "r")
+    assert code == 0, err
+    ds = load_run(tmp_path / "runs" / "r").manifest["dataset"]
+    assert ds["name"] == "tiny" and ds["args"]["root"] == str(data)  # file prefix; absolute root
+    monkeypatch.chdir(data)
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "runs" / "r"), "--epochs", "1",
+                         "--student-width", "8", "--device", "cpu")
+    assert code == 0, err
+    assert "6 test images" in out
