@@ -5,6 +5,7 @@ import time
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.evaluate import EvalConfig
@@ -70,13 +71,17 @@ def render(j: jobs.Job | None) -> None:
         r = results.get(name)
         note = ("reused" if r.get("reused") else f"{r['seconds']:.1f} s") if r else "not run yet"
         col.markdown(f"**{LABELS.get(name, name)}**  \n{note}")
-    for c_ in ctx.classes:
+    chosen = torch.tensor(ctx.classes)
+    rows = [(ctx.bundle.config.class_names[c_], lambda y, c_=c_: y == c_) for c_ in ctx.classes]
+    if any(not torch.isin(r["labels"], chosen).all() for r in results.values()):
+        rows.append(("other label (learned)", lambda y: ~torch.isin(y, chosen)))
+    for title, match in rows:
         row = st.columns([1] + [2] * len(columns), vertical_alignment="center")
-        row[0].markdown(ctx.bundle.config.class_names[c_])
+        row[0].markdown(title)
         for col, name in zip(row[1:], columns):
             r = results.get(name)
-            if r is not None:
-                sel = (r["labels"] == c_).nonzero().flatten().tolist()
+            sel = match(r["labels"]).nonzero().flatten().tolist() if r is not None else []
+            if sel:
                 with col:
                     widgets.image_grid([widgets.to_hwc(r["images"][i]) for i in sel], px=PX)
     if not results:

@@ -68,12 +68,13 @@ def render(j: jobs.Job | None) -> None:
     widgets.job_status(v, "epochs")
     hist = v["history"]
     if hist:
-        fig = widgets.curves([], "epoch", title="Student test accuracy", yaxis="top-1")
+        fig = widgets.curves([], "epoch", title="Student test accuracy", yaxis="top-1 %")
         for name in dict.fromkeys(r["run"] for r in hist):
-            pts = [(r["epoch"], r["acc"]) for r in hist if r["run"] == name and "acc" in r]
+            pts = [(r["epoch"], 100 * r["acc"]) for r in hist if r["run"] == name and "acc" in r]
             if pts:
                 fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                 name=name)
+        fig.update_yaxes(range=[0, 100])
         st.plotly_chart(fig, key=K.EVAL_CHART)
     rows = v["result"] if v["result"] is not None else v["frame"].get("rows", [])
     if rows:
