@@ -292,11 +292,13 @@ class EDFDistiller(Distiller):
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N,3,H,W)`` [0,1] CPU images (ZCA inverted, denormalised, clipped) and labels
-        ``argmax Y`` ``(N,)`` in the dataset's label space; empty before initialisation."""
+        ``(N,)``: the class each image was initialised from and is distilled for, in the
+        dataset's label space (``argmax Y`` may drift to another class when the experts are weak;
+        the learned ``Y`` itself is in :meth:`export_extras`); empty before initialisation."""
         if self.x_syn is None:
             s = self.dataset.config.image_size
             return torch.zeros(0, 3, s, s), torch.zeros(0, dtype=torch.long)
-        return self._to01(self.x_syn.detach()), self.y_logits.detach().argmax(1).cpu()
+        return self._to01(self.x_syn.detach()), self.labels.cpu()
 
     def views(self) -> dict[str, torch.Tensor]:
         """``initial``, ``change`` (SPEC views), ``logits`` ``(N,C)`` (learned Y), ``lr`` ``(1,)``
