@@ -73,9 +73,9 @@ class Budget:
     note: str = ""
 
 
-EDF_CPU = {"iterations": 100, "syn_steps": 10, "batch_syn": 32, "expert_epochs": 2,
+EDF_CPU = {"iterations": 40, "syn_steps": 5, "batch_syn": 20, "expert_epochs": 2,
            "min_start_epoch": 0, "current_max_start_epoch": 2, "max_start_epoch": 6,
-           "expansion_iterations": 50, "cpd_alpha": 0.25, "dae_beta": 1.0, "dae_interval": 10}
+           "expansion_iterations": 20, "cpd_alpha": 0.25, "dae_beta": 1.0, "dae_interval": 10}
 BUDGETS = {
     "cpu": Budget(
         name="cpu", dataset="cifar10",
@@ -88,12 +88,13 @@ BUDGETS = {
         ablation_ipc=10, ablation_eval_epochs=20,
         taus=(0.1, 0.3, 0.5, 0.7, 0.9), mask_modes=("soft", "binary", "scaled"),
         label_modes=("soft", "dbr", "hard"), alphas=(0.0, 0.25, 0.5), betas=(0.0, 1.0, 2.0),
-        ablation_methods={"edf": {"iterations": 50, "expansion_iterations": 25}},
+        ablation_methods={"edf": {"iterations": 20, "expansion_iterations": 10}},
         note="CPU budget: teacher 3 epochs (published 200), SRe2L 100 iterations (1000), NRR-DD "
-             "100 refinement iterations (2000), EDF 100 iterations (thousands) with 2 experts x 8 "
-             "epochs on 2,000 images, width 64, no ZCA (100 x 50 on 50,000, width 128, ZCA), "
+             "100 refinement iterations (2000), EDF 40 iterations of syn_steps 5 x batch 20 (5000 of "
+             "80 x 100) with 2 experts x 8 epochs on 2,000 images, width 64, no ZCA (100 x 50 on "
+             "50,000, width 128, ZCA), "
              "students 40 KD epochs (300) / 100 EDF epochs (1000), tested once after the last "
-             "epoch; ablations 20 student epochs, one seed."),
+             "epoch; ablations one seed, 20 student epochs, EDF grid 20 iterations."),
     "paper": Budget(
         name="paper", dataset="cifar10",
         teacher=TeacherTrainConfig(arch="convnet_bn", depth=3, epochs=200, seed=0), resnet20=True,
@@ -156,7 +157,7 @@ class Bench:
         self.doc = {"budget": budget.name, "settings": _settings(budget), "note": budget.note,
                     "command": "python bench/accuracy.py " + " ".join(argv), "dataset": self.data_key,
                     "machine": common.machine_info(self.device), "status": "running",
-                    "teachers": {}, "experts": None, "rows": []}
+                    "budget_gap": budget_gap(budget), "teachers": {}, "experts": None, "rows": []}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def save(self) -> None:
@@ -366,6 +367,25 @@ class Bench:
             self.comparison("resnet20")
         self.doc["status"] = "complete"
         self.save()
+
+
+def budget_gap(b: Budget) -> list[list]:
+    """``[item, this budget, published budget, published / this]`` rows (the published column is
+    the ``paper`` budget)."""
+    p = BUDGETS["paper"]
+    cfg = lambda bud, m, k: get_method(m).Config.from_dict(bud.methods[m]).to_dict()[k]  # noqa: E731
+    items = [("teacher epochs", b.teacher.epochs, p.teacher.epochs),
+             ("SRe2L iterations", cfg(b, "sre2l", "iterations"), cfg(p, "sre2l", "iterations")),
+             ("RDED real images scored per class", cfg(b, "rded", "mipc"), cfg(p, "rded", "mipc")),
+             ("NRR-DD refinement iterations", cfg(b, "nrrdd", "iterations"), cfg(p, "nrrdd", "iterations")),
+             ("EDF iterations", cfg(b, "edf", "iterations"), cfg(p, "edf", "iterations")),
+             ("EDF syn_steps", cfg(b, "edf", "syn_steps"), cfg(p, "edf", "syn_steps")),
+             ("EDF expert epochs (total)", b.experts["num_experts"] * b.experts["epochs"],
+              p.experts["num_experts"] * p.experts["epochs"]),
+             ("student epochs, KD protocol", b.eval_epochs, p.eval_epochs),
+             ("student epochs, EDF protocol", b.edf_eval_epochs, p.edf_eval_epochs),
+             ("seeds", len(b.seeds), len(p.seeds))]
+    return [[k, v, w, f"{w / v:.0f}x" if v else "-"] for k, v, w in items]
 
 
 def _same_row(a: dict, b: dict) -> bool:

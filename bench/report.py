@@ -44,6 +44,10 @@ def accuracy_markdown(doc: dict) -> str:
     out = [f"### Budget `{doc['budget']}` ({doc['status']})", "",
            f"Command: {cmd}. Machine: {_machine(doc['machine'])}. Wall time so far: "
            f"{doc.get('elapsed_s', 0) / 60:.0f} min (cached units excluded).", "", doc.get("note", ""), ""]
+    if doc.get("budget_gap") and doc["budget"] != "paper":
+        out += ["How far this budget is below the published one:", "",
+                common.md_table(["item", "this budget", "published", "published / this"],
+                                doc["budget_gap"]), ""]
     teachers = doc.get("teachers", {})
     if teachers:
         out += ["Teachers (top-1 on the full JPEG test split):", "",

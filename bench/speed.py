@@ -230,16 +230,16 @@ def markdown(results: list[dict], target: float) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["size"], r.get("label", r["method"]), "error: " + r["error"]] + [""] * 7)
+            rows.append([r["size"], "", "", r.get("label", r["method"]), "error: " + r["error"]] + [""] * 7)
             continue
         mem = f"{r['peak_rss_mb']:.0f}"
         if "cuda_max_allocated_mb" in r:
             mem += f" (CUDA {r['cuda_max_allocated_mb']:.0f})"
         ok = "yes" if r["ratio"] <= target else "**no**"
-        rows.append([r["size"], r["label"], r["phase"], f"{r['seconds_per_step']:.4f}",
+        rows.append([r["size"], r["teacher"], r["num_images"], r["label"], r["phase"], f"{r['seconds_per_step']:.4f}",
                      f"{r['steps_per_second']:.2f}", f"{r['floor_seconds']:.4f}", r["floor"],
                      f"{r['ratio']:.2f}", ok, mem])
-    return common.md_table(["size", "method", "phase", "s/step", "steps/s", "floor s", "floor",
+    return common.md_table(["size", "teacher", "images", "method", "phase", "s/step", "steps/s", "floor s", "floor",
                             "ratio", f"<= {target}", "peak RSS MiB"], rows)
 
 
@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     in_process = args.in_process or args.tiny
     out = args.out or common.RESULTS_DIR / f"speed_{resolve_device(args.device).type}.json"
     results = []
+    doc = {"command": "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "target_ratio": args.target, "machine": common.machine_info(resolve_device(args.device)),
+           "results": results}
     for spec in units(args):
         label = f"{spec['size']}/{spec.get('label', spec['method'])}"
         common.log.info("timing %s", label)
@@ -288,10 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                  "error": f"{type(exc).__name__}: {exc}"}
         common.log.info("%s: %s", label, {k: r.get(k) for k in ("seconds_per_step", "ratio", "peak_rss_mb")})
         results.append(r)
-    doc = {"command": "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "target_ratio": args.target, "machine": common.machine_info(resolve_device(args.device)),
-           "results": results}
-    common.write_json(out, doc)
+        doc["results"] = results
+        common.write_json(out, doc)  # after every unit: a long run can be read while it goes
     print(markdown(results, args.target))
     print(f"\nwritten {out}")
     return 1 if any("error" in r for r in results) else 0
