@@ -8,9 +8,9 @@ import torch
 
 from nrrdd_core.cam import CAM_METHODS, COLORMAPS, complexity_score, overlay
 from nrrdd_core.methods import get_method
+from nrrdd_core.methods.common import cidd_candidates
 from studio import cache, settings, widgets
 from studio import keys as K
-from studio.metrics import cidd_candidates
 
 METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)",
                  "gradcam_torch": "Grad-CAM (batched torch)",

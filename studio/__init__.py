@@ -4,5 +4,5 @@ Modules: :mod:`studio.keys` (every ``session_state`` key and URL parameter name)
 :mod:`studio.settings` (environment switches such as ``NRRDD_STUDIO_TINY``),
 :mod:`studio.setup` (the shared setup kept in the URL), :mod:`studio.cache` (cached loaders),
 :mod:`studio.jobs` (background jobs polled by fragments), :mod:`studio.widgets` (shared widgets),
-:mod:`studio.metrics` (display metrics not yet in the library).
+:mod:`studio.runners` (job bodies), :mod:`studio.reference` (published figures).
 """

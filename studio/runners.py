@@ -86,17 +86,18 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
             classes: list[int], s: Setup, eval_cfg: dict, store: dict,
             recompute: bool = False) -> dict:
     """Distil the chosen classes with each method (SPEC defaults, same teacher and seed), add the
-    random real subset of the same size, and measure each set: :func:`studio.metrics.set_metrics`,
-    a quick student evaluation (``eval_cfg``), time and label storage. Results already in
-    ``store`` (same setup, method and evaluation settings) are reused unless ``recompute``.
+    random real subset of the same size, and measure each set
+    (:func:`nrrdd_core.metrics.set_metrics`), a quick student evaluation (``eval_cfg``), time and
+    label storage. Results already in ``store`` (same setup, method and evaluation settings) are
+    reused unless ``recompute``.
 
     Returns ``{name: result}`` with ``"random"`` first; partial results are also in
     ``job.frame["results"]`` while it runs."""
     from nrrdd_core.evaluate import EvalConfig, evaluate_student, random_real_subset
     from nrrdd_core.labels import paper_label_bytes
     from nrrdd_core.methods import get_method
+    from nrrdd_core.metrics import set_metrics
 
-    from .metrics import set_metrics
     from .settings import method_overrides
 
     t = copy.deepcopy(teacher)

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import apply_crops, random_resized_crop_params, recover_augment
+from ..cam import cam_ratio
 from ..configs import ConfigBase, param
+from ..device import make_generator
 from ..errors import ConfigError
 from ..losses import BNStatsLoss
 from ..models.teacher import Teacher
@@ -157,6 +159,61 @@ def stitch(patches: torch.Tensor, ipc: int, factor: int, size: int) -> torch.Ten
             out[:, :, starts[r]:starts[r] + sides[r], starts[c]:starts[c] + sides[c]] = part
             slot += 1
     return out
+
+
+@dataclass
+class CIDDCandidates:
+    """CIDD candidates of one real image (SPEC 3.2), ``m`` of them, sorted by CAM ratio
+    (highest first; see :func:`cidd_candidates`).
+
+    Attributes:
+        boxes: int64 ``(m,4)`` boxes ``(i, j, h, w)`` in pixels.
+        crops01: ``(m,3,H,W)`` [0,1] crops on the CPU, resized to the image side (factor 1).
+        ratio: ``(m,)`` CAM ratio ``sum_box C / sum C`` in [0,1].
+        confidence: ``(m,)`` teacher probability of the class on each crop, in [0,1].
+        kept: ``(m,)`` bool, True for the ``top_t`` boxes by CAM ratio (the ones CIDD scores).
+        lowest, highest: position of the candidate that CIDD keeps for this image under
+            ``select="lowest"`` / ``"highest"`` (among the kept ones).
+    """
+
+    boxes: torch.Tensor
+    crops01: torch.Tensor
+    ratio: torch.Tensor
+    confidence: torch.Tensor
+    kept: torch.Tensor
+    lowest: int
+    highest: int
+
+
+@torch.no_grad()
+def cidd_candidates(teacher: Teacher, x01: torch.Tensor, cam: torch.Tensor, label: int, m: int,
+                    top_t: int, seed: int, min_scale: float = 0.08) -> CIDDCandidates:
+    """CIDD's candidate crops of one real image, for display (SPEC 3.2 steps 1-3).
+
+    ``m`` RandomResizedCrop boxes (:func:`candidate_boxes`, seeded with ``seed``), their CAM
+    ratio (:func:`nrrdd_core.cam.cam_ratio`), and the teacher's confidence ``exp(-CE)`` on each
+    crop (:func:`crop_patches` at the image side, :func:`patch_cross_entropy`).
+
+    Args:
+        teacher: frozen teacher (its data config normalises the image).
+        x01: image ``(3,H,W)`` in [0,1]. cam: its CAM ``(H,W)`` in [0,1] for ``label``.
+        label: class index (teacher logit order). m: candidates. top_t: kept by CAM ratio.
+        seed: seed of the box sampler. min_scale: smallest crop area fraction.
+
+    Returns:
+        :class:`CIDDCandidates` sorted by CAM ratio, highest first.
+    """
+    size = x01.shape[-1]
+    boxes = candidate_boxes(1, m, size, make_generator(seed), min_scale)
+    ratio = cam_ratio(torch.as_tensor(cam).float().cpu(), boxes[0])
+    order = torch.sort(ratio, descending=True, stable=True).indices
+    boxes, ratio = boxes[:, order], ratio[order]
+    x_norm = teacher.data_config.normalize(x01[None].to(teacher.device))
+    crops = crop_patches(x_norm, boxes.to(teacher.device), size)
+    conf = torch.exp(-patch_cross_entropy(teacher, crops, label))
+    kc = conf[:top_t]
+    return CIDDCandidates(boxes[0], to01(teacher, crops), ratio, conf, torch.arange(m) < top_t,
+                          int(kc.argmin()), int(kc.argmax()))
 
 
 @dataclass(frozen=True)
