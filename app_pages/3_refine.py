@@ -148,7 +148,7 @@ if job is not None and not job.active and job.result is not None:
     if c[1].button("Save run", key=K.SAVE_RUN, icon=":material/save:"):
         try:
             path = save_run(default_runs_root(), name, res["images"], res["labels"],
-                            res["manifest"])
+                            res["manifest"], extras=res.get("extras"))
         except NrrddError as exc:
             st.error(f"Not saved: {exc}")
         else:

@@ -116,7 +116,7 @@ if job is not None and not job.active and job.result:
                 continue
             try:
                 path = save_run(default_runs_root(), f"compare_{name}_{stamp}", r["images"],
-                                r["labels"], r["manifest"])
+                                r["labels"], r["manifest"], extras=r.get("extras"))
                 st.success(f"Saved {path}")
             except NrrddError as exc:
                 st.error(f"{name}: not saved: {exc}")

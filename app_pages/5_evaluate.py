@@ -12,11 +12,25 @@ from studio import keys as K
 PERSIST = {"persist_state": "session"}
 LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances (2 numbers "
                "per image)", "hard": "hard one-hot labels"}
+PROTOCOLS = {"kd": "KD (SPEC 0.4): student distilled from the teacher's labels",
+             "edf": "EDF (SPEC 4.6): ConvNet-IN on the run's learned labels and lr"}
+try:
+    from nrrdd_core.evaluate.edf import RUN_EXTRAS
+except ImportError:  # a build without the EDF protocol
+    RUN_EXTRAS = ()
+
+
+def has_edf_extras(manifest: dict) -> bool:
+    """True when a saved run carries EDF's extras (learned labels, lr...), kept by ``save_run``."""
+    names = {**(manifest.get("extras") or {}), **(manifest.get("extra_tensors") or {})}
+    return any(k in names for k in RUN_EXTRAS)
+
 
 st.title("Evaluate")
 ctx = widgets.require_context()
-st.write("Train a fresh student on each chosen distilled set with the KD protocol of SPEC 0.4 "
-         "and test it on the real test split. Results are stored in each run's folder.")
+st.write("Train a fresh student on each chosen distilled set and test it on the real test split: "
+         "with the KD protocol of SPEC 0.4, or for EDF runs also with EDF's own protocol (SPEC "
+         "4.6). Results are stored in each run's folder.")
 
 infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("created", ""))
 runs = {r.name: str(r.path) for r in infos}
@@ -32,24 +46,38 @@ st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, li
                                  if r in runs]  # default: the newest run
 chosen = st.multiselect("Runs", list(runs), key=K.EVAL_RUNS, disabled=running,
                         placeholder="choose one or more saved runs", **PERSIST)
+manifests = {r.name: r.manifest for r in infos}
+edf_ok = bool(chosen) and all(has_edf_extras(manifests[n]) for n in chosen)
+offered = ["kd", "edf"] if edf_ok else ["kd"]
+if st.session_state.get(K.EVAL_PROTOCOL) not in offered:
+    st.session_state[K.EVAL_PROTOCOL] = offered[-1]  # EDF runs default to their own protocol
+protocol = st.radio("Protocol", offered, key=K.EVAL_PROTOCOL, format_func=PROTOCOLS.get,
+                    horizontal=True, disabled=running,
+                    help="EDF's protocol is offered when every chosen run was distilled by EDF "
+                         "and saved with its learned labels.")
+edf = protocol == "edf"
 defaults = {f["name"]: f for f in EvalConfig.describe()}
 c = st.columns(3)
 students = list_models()
 if st.session_state.get(K.EVAL_STUDENT) not in students:
     st.session_state[K.EVAL_STUDENT] = defaults["student"]["default"]
-student = c[0].selectbox("Student", students, key=K.EVAL_STUDENT, disabled=running, **PERSIST)
-label_mode = c[1].radio("Labels", list(LABEL_MODES), key=K.EVAL_LABELS, disabled=running,
-                        format_func=LABEL_MODES.get, **PERSIST)
+student = c[0].selectbox("Student", students, key=K.EVAL_STUDENT, disabled=running or edf,
+                         help="EDF's protocol trains the run's own ConvNet-IN." if edf else None,
+                         **PERSIST)
+label_mode = c[1].radio("Labels", list(LABEL_MODES), key=K.EVAL_LABELS, disabled=running or edf,
+                        format_func=LABEL_MODES.get, help="EDF's protocol uses the run's learned "
+                        "labels." if edf else None, **PERSIST)
 if K.EVAL_EPOCHS not in st.session_state:
     st.session_state[K.EVAL_EPOCHS] = 1 if settings.tiny() else 30
 epochs = c[2].number_input("Epochs", 1, 5000, key=K.EVAL_EPOCHS, disabled=running,
-                           help="The published figures use 300 epochs (SPEC 0.4); fewer give a "
-                                "lower but quick estimate.", **PERSIST)
+                           help="The published figures use 300 epochs (KD, SPEC 0.4) or 1000 "
+                                "(EDF, SPEC 4.6); fewer give a lower but quick estimate.",
+                           **PERSIST)
 b = st.container(horizontal=True)
 if b.button("Start evaluation", key=K.EVAL_START, type="primary",
                disabled=running or not chosen, icon=":material/play_arrow:"):
-    cfg = {"student": student, "label_mode": label_mode, "epochs": int(epochs),
-           "eval_every": max(1, int(epochs) // 20)}
+    cfg = {"protocol": protocol, "student": student, "label_mode": label_mode,
+           "epochs": int(epochs), "eval_every": max(1, int(epochs) // 20)}
 
     def work(j, paths=[runs[n] for n in chosen], cfg=cfg, ctx=ctx):
         return runners.evaluate_runs(j, paths, ctx.teacher, ctx.bundle, cfg, ctx.setup)
@@ -78,6 +106,8 @@ def render(j: jobs.Job | None) -> None:
         st.plotly_chart(fig, key=K.EVAL_CHART)
     rows = v["result"] if v["result"] is not None else v["frame"].get("rows", [])
     if rows:
+        used = v["params"].get("protocol", "kd")
+        st.markdown(f"**Results — protocol: {PROTOCOLS[used]}**")
         st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
             "final_acc": st.column_config.NumberColumn("final top-1 %", format="%.2f"),
             "best_acc": st.column_config.NumberColumn("best top-1 %", format="%.2f"),

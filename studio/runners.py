@@ -44,7 +44,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
     """Run one method step by step. With ``frames`` (the Refine page) it records every step and
     a snapshot every ``every`` steps, at most every :data:`MIN_FRAME_INTERVAL` s; without (Compare)
     it only updates the job's message. Stops between steps on request and returns what it has:
-    ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest`` (export manifest)."""
+    ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest`` (export manifest),
+    ``extras`` (``Distiller.export_extras()``, for ``save_run(..., extras=)``)."""
     t = copy.deepcopy(teacher)
     t0 = time.perf_counter()
     with make_distiller(method, config, teacher=t, dataset=bundle, classes=classes, ipc=s.ipc,
@@ -65,6 +66,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                 job.progress(frame=snapshot(d, t))
                 last, since = now, 0
         x, y = d.images()
+        extras = d.export_extras()
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             method=method, config=d.config.to_dict(), teacher=t, bundle=bundle,
@@ -73,7 +75,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             timings={"seconds": seconds, "seconds_per_step": seconds / max(1, d.step_index)},
             device=str(d.device), complete=d.done)
     return {"images": x, "labels": y, "config": d.config.to_dict(), "seconds": seconds,
-            "steps": d.step_index, "manifest": manifest}
+            "steps": d.step_index, "manifest": manifest, "extras": extras}
 
 
 def steps_per_second(history: list[dict], window: int = 20) -> float:
@@ -115,17 +117,19 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
             break
         if name == "random":
             x, y = random_real_subset(bundle, classes, s.ipc, seed=s.seed)
-            seconds, manifest = 0.0, None
+            seconds, manifest, extras = 0.0, None, {}
         else:
             cfg = method_overrides(get_method(name).Config.describe())
             r = distill(job, name, cfg, teacher, bundle, classes, s, frames=False)
             if r["steps"] == 0 or job.stop_event.is_set():
                 break
             x, y, seconds, manifest = r["images"], r["labels"], r["seconds"], r["manifest"]
+            extras = r["extras"]
         job.progress(message=f"{name}: measuring and training a student ({ecfg.epochs} epochs)")
         ev = evaluate_student(x, y, t, bundle, ecfg, device=s.device, seed=s.seed,
                               should_stop=job.should_stop, classes=classes)
         res = {"images": x, "labels": y, "seconds": seconds, "manifest": manifest,
+               "extras": extras,
                **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
                "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes)}
         store[key] = res
@@ -136,10 +140,11 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
 
 def evaluate_runs(job: Job, paths: list[str], teacher: Teacher, bundle: DatasetBundle,
                   eval_cfg: dict, s: Setup) -> list[dict]:
-    """Train a student on each saved run with ``eval_cfg`` (SPEC 0.4 KD protocol), recording
-    one history row per epoch (``run``, ``epoch``, ``acc`` on evaluated epochs...) and saving
-    each result into its run folder. A run that cannot be evaluated (other dataset...) gets an
-    ``error`` row and the others go on."""
+    """Train a student on each saved run with ``eval_cfg`` (its ``protocol``: ``kd``, SPEC 0.4,
+    or ``edf``, SPEC 4.6, which uses the run's extras: learned labels, lr, architecture, ZCA),
+    recording one history row per epoch (``run``, ``epoch``, ``acc`` on evaluated epochs...) and
+    saving each result into its run folder. A run that cannot be evaluated (other dataset...)
+    gets an ``error`` row and the others go on."""
     from nrrdd_core.errors import NrrddError, StoppedError
     from nrrdd_core.evaluate import EvalConfig, evaluate_student
     from nrrdd_core.export import load_run, save_eval
@@ -149,11 +154,12 @@ def evaluate_runs(job: Job, paths: list[str], teacher: Teacher, bundle: DatasetB
     t = copy.deepcopy(teacher)
     cfg = EvalConfig.from_dict(eval_cfg)
     rows: list[dict] = []
-    job.progress(total=len(paths) * cfg.epochs)
+    epochs = cfg.num_epochs
+    job.progress(total=len(paths) * epochs)
     for k, path in enumerate(paths):
         if job.should_stop():
             break
-        row = {"run": str(path).rstrip("/").split("/")[-1]}
+        row = {"run": str(path).rstrip("/").split("/")[-1], "protocol": cfg.protocol}
         try:
             run = load_run(path)
             mf = run.manifest
@@ -163,12 +169,12 @@ def evaluate_runs(job: Job, paths: list[str], teacher: Teacher, bundle: DatasetB
                                  "classes than the current setup: choose its dataset on Setup")
             res = evaluate_student(
                 run.images01, run.labels, t, bundle, cfg, device=s.device, seed=s.seed,
-                classes=mf["dataset"]["classes"], should_stop=job.should_stop,
+                classes=mf["dataset"]["classes"], should_stop=job.should_stop, extras=run.extras,
                 progress=lambda e, n, m, k=k, name=row["run"]: job.progress(
-                    step=k * cfg.epochs + e, message=f"{name}: epoch {e}/{n}",
+                    step=k * epochs + e, message=f"{name}: epoch {e}/{n}",
                     record={"run": name, "epoch": e, **m}))
             save_eval(path, res.to_dict())
-            pub = published(mf, cfg.student)
+            pub = published(mf, res.config.get("student", cfg.student))
             row.update(final_acc=100 * res.final_acc, best_acc=100 * res.best_acc,
                        published=pub, seconds=res.seconds)
         except StoppedError:

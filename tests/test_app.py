@@ -170,13 +170,13 @@ def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
 
 
 # ---- Runs and Evaluate ----------------------------------------------------------------------
-def saved_run(teacher_path: Path, root: Path) -> Path:
+def saved_run(teacher_path: Path, root: Path, method: str = "rded", extras=None) -> Path:
     b = load_dataset("shapes", **TINY_DATA)
     t = Teacher.load(teacher_path)
     x, y = b.train.float01(torch.arange(4)), b.train.y[:4]
-    mf = build_manifest(method="rded", config={}, teacher=t, bundle=b, classes=sorted(set(
+    mf = build_manifest(method=method, config={}, teacher=t, bundle=b, classes=sorted(set(
         y.tolist())), ipc=1, seed=0, dataset_args=TINY_DATA)
-    return save_run(root, "tiny_run", x, y, mf)
+    return save_run(root, "tiny_run", x, y, mf, extras=extras)
 
 
 def test_runs_offers_a_download(teacher_path, tmp_path):
@@ -194,6 +194,26 @@ def test_evaluate_trains_a_student_on_a_saved_run(teacher_path, tmp_path):
     poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
     rows = at.dataframe[0].value
     assert rows["run"].tolist() == ["tiny_run"] and 0 <= rows["final_acc"][0] <= 100
+
+
+def test_evaluate_offers_edf_protocol_for_edf_runs(teacher_path, tmp_path, monkeypatch):
+    saved_run(teacher_path, tmp_path / "runs")
+    radio = app(teacher_path, "5_evaluate").radio(key="eval_protocol")
+    assert len(radio.options) == 1 and radio.value == "kd"  # no EDF extras: KD only
+    monkeypatch.setenv("NRRDD_RUNS", str(tmp_path / "edf_runs"))
+    logits = torch.nn.functional.one_hot(torch.arange(4) % 2, 10).float() * 5
+    saved_run(teacher_path, tmp_path / "edf_runs", "edf",
+              {"label_logits": logits, "syn_lr": 0.01, "arch_kwargs": {"depth": 1, "width": 8}})
+    at = app(teacher_path, "5_evaluate")
+    radio = at.radio(key="eval_protocol")
+    assert len(radio.options) == 2 and radio.value == "edf"  # EDF runs default to their own
+    assert at.selectbox(key="eval_student").disabled
+    at.button(key="eval_start").click().run()
+    poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
+    assert progress_text(at).startswith("done"), [e.value for e in at.error]
+    rows = at.dataframe[0].value
+    assert rows["protocol"].tolist() == ["edf"] and "error" not in rows
+    assert any("protocol: EDF" in m.value for m in at.markdown)
 
 
 def test_setup_trains_a_teacher_with_progress(monkeypatch):
