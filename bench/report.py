@@ -108,10 +108,24 @@ def speed_markdown(doc: dict) -> str:
     out = [f"Command: {_cmd(doc)}. Machine: {_machine(doc['machine'])}.", "",
            speed.markdown(doc["results"], doc["target_ratio"]), ""]
     prof = [r for r in doc["results"] if r.get("profile")]
+    if prof:
+        out += ["Where the time goes (cProfile over 3 steps of each unit above the target; own time "
+                "per step, profiler overhead included):", ""]
     for r in prof:
-        top = ", ".join(f"{p['function']} {1000 * p['own_s']:.1f} ms" for p in r["profile"][:6])
-        out += [f"- {r['size']}/{r['label']} (ratio {r['ratio']:.2f}): most own time per step in {top}."]
+        top = ", ".join(f"`{_fn(p['function'])}` {1000 * p['own_s']:.0f} ms" for p in r["profile"][:7])
+        out += [f"- {r['size']}/{r['label']} (ratio {r['ratio']:.2f}): {top}."]
+    if doc.get("notes"):
+        out += ["", "Findings:", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(out + [""])
+
+
+def _fn(name: str) -> str:
+    """``~:0(<method 'var' of 'torch._C.TensorBase' objects>)`` -> ``Tensor.var``."""
+    if name.startswith("~:0(<method '"):
+        return "Tensor." + name.split("'")[1]
+    if name.startswith("~:0(<built-in method "):
+        return name.removeprefix("~:0(<built-in method ").rstrip(">)")
+    return name
 
 
 HEADER = """# Benchmark results
