@@ -13,7 +13,7 @@ from nrrdd_core.errors import ConfigError, ResourceError
 from nrrdd_core.experts import ExpertConfig, ParamLayout, seeded_model, train_experts
 from nrrdd_core.methods import edf as edf_mod
 from nrrdd_core.methods import make_distiller
-from nrrdd_core.methods.edf import EDFConfig, matching_loss, unroll_student
+from nrrdd_core.methods.edf import EDFConfig, init_from_experts, matching_loss, unroll_student
 from nrrdd_core.models import build_model
 from nrrdd_core.models.teacher import Teacher
 
@@ -118,6 +118,40 @@ def test_dae_scales_only_gradients_above_the_mean(setup, monkeypatch):
     scale = (fixed + 1.0)[:, None].expand_as(g0)
     assert torch.allclose(g1[~below], (g0 * scale)[~below])
     assert dae.history[-1].info["dae"] and "mask" in dae.views()
+
+
+def test_init_prefers_correct_images_then_highest_true_class_probability(caplog):
+    # K=2 experts, n=4 candidates of class 1, C=3 classes; the final expert gets only image 2 right
+    final = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 3.0], [0.0, 4.0, 0.0], [3.0, 2.5, 0.0]])
+    first = torch.tensor([[0.0, 5.0, 0.0]] * 4)
+    order, y = init_from_experts(torch.stack([first, final]), 1, 3)
+    p1 = final.softmax(1)[:, 1]
+    assert order.tolist() == [2, 3, 0] and p1[3] > p1[0] > p1[1]       # misclassified by p(c)
+    assert "only 1 of 4" in caplog.text
+    assert torch.equal(y[0], (first[2] + final[2]) / 2)                  # both experts correct
+    assert torch.equal(y[1], first[3])                                   # only the first one
+    caplog.clear()
+    order, _ = init_from_experts(torch.stack([first, final]), 1, 1)
+    assert order.tolist() == [2] and "only" not in caplog.text
+
+
+@pytest.mark.parametrize("target", ["argmax_y", "distilled_class"])
+def test_dae_cam_class(setup, monkeypatch, target):
+    seen = []
+
+    def fake_cam(model, x, targets, method):
+        seen.append(targets.clone())
+        return torch.rand(len(x), 16, 16, generator=torch.Generator().manual_seed(0))
+
+    monkeypatch.setattr(cam_mod, "teacher_cam", fake_cam)
+    d = make(setup, iterations=2, dae_beta=1.0, dae_target=target)
+    d.step()
+    with torch.no_grad():                                # Y drifts to class (distilled + 1) % 3
+        d.y_logits.copy_(F.one_hot((d.labels + 1) % 3, 3).float() * 10)
+    d.step()
+    want = d.labels if target == "distilled_class" else (d.labels + 1) % 3
+    assert torch.equal(seen[-1].cpu(), want)
+    assert EDFConfig().dae_target == "argmax_y"                          # SPEC 4.5 default
 
 
 def test_dae_runs_with_the_real_cam(setup):

@@ -66,6 +66,10 @@ class EDFConfig(ConfigBase):
                             "ImageWoof)", lo=0.0, source="code")
     dae_interval: int = param(10, "DAE every k iterations (50 at IPC1, 100 at IPC10)",
                               unit="steps", lo=1, source="code")
+    dae_target: str = param("argmax_y", "DAE CAM class: argmax of the learned label logits Y "
+                            "(SPEC 4.5, released code) or the class each image is distilled for "
+                            "(stable when weak experts make argmax Y drift)",
+                            choices=("argmax_y", "distilled_class"), source="code")
     cam_method: str = param("gradcam_torch", "CAM family for DAE (the code uses Smooth Grad-CAM++)",
                             choices=("gradcam_torch", "gradcam++", "cam", "xgradcam", "layercam",
                                      "eigencam", "scorecam", "gradcam"), source="code")
@@ -178,6 +182,38 @@ def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Ten
         return e.sum() / d.sum(), 0
     keep = torch.topk(e.detach(), e.numel() - drop, sorted=False).indices
     return e[keep].sum() / d[keep].sum(), drop
+
+
+def init_from_experts(logits: torch.Tensor, c: int, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which real images of class ``c`` initialise the synthetic images, and their initial label
+    logits (DATM code, SPEC 4.3 step 1).
+
+    The images the FINAL expert classifies correctly come first (highest true-class probability
+    first); when fewer than ``ipc`` are correct (weak experts) the rest are filled with the
+    misclassified images of highest true-class probability under the final expert, and a warning
+    is logged. Each chosen image's initial ``Y`` is the mean of the logits of the experts that
+    classify it correctly (of all experts when none does).
+
+    Args:
+        logits: ``(K, n, C)`` final-expert logits of the ``n`` candidate real images of class c.
+        c: the class (an index into C).
+        ipc: images to choose (capped at n).
+
+    Returns:
+        ``(order, y)``: ``(ipc,)`` indices into the n candidates and ``(ipc, C)`` logits.
+    """
+    correct = logits.argmax(2) == c                                          # (K, n)
+    prob = logits[-1].softmax(1)[:, c]                                       # (n,) in [0, 1]
+    order = torch.argsort(correct[-1].float() + prob, descending=True, stable=True)[:ipc]
+    n_ok = int(correct[-1].sum())
+    if n_ok < len(order):
+        log.warning("class %d: the final expert classifies only %d of %d real images correctly; "
+                    "also using the %d misclassified ones with the highest class-%d probability "
+                    "(the experts are weak: train them longer)", c, n_ok, logits.shape[1],
+                    len(order) - n_ok, c)
+    w = correct[:, order].float()
+    w[:, w.sum(0) == 0] = 1.0                                                # none correct: all
+    return order, (logits[:, order] * w[..., None]).sum(0) / w.sum(0)[:, None]
 
 
 def _mem_available(device: torch.device) -> int | None:
@@ -401,14 +437,8 @@ class EDFDistiller(Distiller):
             pool = self.real_indices(c, max(4 * self.ipc, 64))
             x = self._prepare(self.dataset.train.float01(pool))
             logits = torch.stack([self._logits(f, x) for f in finals])      # (K, n, C)
-            correct = logits.argmax(2) == c                                   # (K, n)
-            order = torch.argsort((~correct[-1]).to(torch.int8), stable=True)[: self.ipc]
-            if int(correct[-1][order].sum()) < len(order):
-                log.warning("class %d: only %d real images classified correctly by the final "
-                            "expert; using misclassified ones too", c, int(correct[-1].sum()))
-            w = correct[:, order].float()
-            w[:, w.sum(0) == 0] = 1.0                                          # none correct: all
-            ys.append((logits[:, order] * w[..., None]).sum(0) / w.sum(0)[:, None])
+            order, y0 = init_from_experts(logits, c, self.ipc)
+            ys.append(y0)
             xs.append(x[order])
             labels.append(torch.full((len(order),), c, dtype=torch.long))
         lr0 = self.config.lr_teacher or float(b.manifest["config"]["lr"])
@@ -511,11 +541,15 @@ class EDFDistiller(Distiller):
 
     def _dae_weight(self) -> torch.Tensor:
         """DAE weight ``(N,1,H,W)`` (SPEC 4.5) of the current images under the CAM model, class
-        ``argmax Y`` mapped to the CAM model's label space."""
+        ``argmax Y`` (``dae_target="argmax_y"``) or the distilled class (``"distilled_class"``),
+        in the dataset's label space, mapped to the CAM model's label space."""
         from ..cam import dae_weight, teacher_cam
 
         x = self._unwhiten(self.x_syn.detach())
-        targets = self.y_logits.detach().argmax(1)
+        if self.config.dae_target == "argmax_y":
+            targets = self.y_logits.detach().argmax(1)
+        else:
+            targets = self.labels.to(self.x_syn.device)
         if self.config.cam_model == "teacher":
             cam_t = self.teacher
         else:
