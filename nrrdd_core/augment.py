@@ -6,7 +6,9 @@ drawn on the CPU and applied on ``x``'s device); the global RNG is never consume
 every function except RandAugment is differentiable w.r.t. ``x``.
 
 Sources: SPEC 0.3 (CutMix / Mixup), 0.4 (student augmentation), 1 (SRe2L recover augmentation);
-the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params``.
+the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params`` and the crop +
+resize is torchvision's tensor ``resized_crop`` (bilinear, antialiased) written with torch alone,
+so importing this module does not import torchvision (seconds); RandAugment imports it on use.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import math
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+import torch.nn.functional as F
 
 from .errors import ConfigError
 
@@ -89,10 +90,21 @@ def random_resized_crop_params(n: int, size: int | tuple[int, int],
     return boxes
 
 
+def _resized_crop(x: torch.Tensor, i: int, j: int, h: int, w: int, size: list[int]) -> torch.Tensor:
+    """torchvision's tensor ``resized_crop(x, i, j, h, w, size, antialias=True)`` for a box inside
+    the image: crop, then bilinear resize (``align_corners=False``, antialiased; none when the
+    crop already has ``size``)."""
+    crop = x[..., i:i + h, j:j + w]
+    if [h, w] == list(size):
+        return crop
+    return F.interpolate(crop, size=list(size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
 def apply_crops(x: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:
     """Crop box ``k`` out of image ``k`` and resize it bilinearly to ``out_size``.
 
-    Uses ``torchvision.transforms.v2.functional.resized_crop`` (bilinear, antialias as
+    Same result as ``torchvision.transforms.v2.functional.resized_crop`` (bilinear, antialias as
     torchvision's RandomResizedCrop); differentiable w.r.t. ``x``.
 
     Args:
@@ -106,7 +118,7 @@ def apply_crops(x: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int,
     if len(boxes) != len(x):
         raise ValueError(f"apply_crops got {len(x)} images but {len(boxes)} boxes")
     size = [out_size, out_size] if isinstance(out_size, int) else list(out_size)
-    return torch.cat([TF.resized_crop(x[k:k + 1], *[int(v) for v in b], size=size, antialias=True)
+    return torch.cat([_resized_crop(x[k:k + 1], *[int(v) for v in b], size)
                       for k, b in enumerate(boxes.tolist())])
 
 
@@ -136,7 +148,7 @@ def recover_augment(x: torch.Tensor, image_size: int, generator: torch.Generator
     """
     if image_size > 32:
         box = random_resized_crop_params(1, x.shape[-2:], generator=generator)[0]
-        x = TF.resized_crop(x, *[int(v) for v in box], size=[image_size, image_size], antialias=True)
+        x = _resized_crop(x, *[int(v) for v in box], [image_size, image_size])
         if _uniform(generator) < 0.5:
             x = x.flip(3)
     return random_roll(x, generator, max_roll)
@@ -199,6 +211,8 @@ def _randaugment(x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     torchvision draws from the global RNG; ``fork_rng`` confines that to this call.
     """
+    from torchvision.transforms import v2
+
     ra = v2.RandAugment(num_ops=2)
     u8 = (x01.detach().clamp(0, 1) * 255).round().to(torch.uint8)
     seeds = torch.randint(0, 2**62, (len(x01),), generator=generator).tolist()

@@ -373,8 +373,10 @@ def cam_ratio(cam: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 def overlay(img01, cam, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
-    """Heat-map overlay of a CAM on its image (for display), via the grad-cam package's
-    ``show_cam_on_image``.
+    """Heat-map overlay of a CAM on its image (for display): the grad-cam package's
+    ``show_cam_on_image(img, cam, use_rgb=True, colormap, image_weight=1 - alpha)`` (same bytes),
+    written with OpenCV alone because importing that package takes seconds (matplotlib, scipy,
+    torchvision).
 
     Args:
         img01: image in [0,1] pixels, ``(3,H,W)`` or ``(H,W,3)`` (tensor or array).
@@ -388,8 +390,6 @@ def overlay(img01, cam, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray
     Raises:
         ConfigError: ``alpha`` outside [0,1], unknown colormap, or image / map sizes disagree.
     """
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"overlay alpha must lie in [0, 1], got {alpha}")
     if colormap not in COLORMAPS:
@@ -401,5 +401,8 @@ def overlay(img01, cam, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray
     if img.dim() != 3 or tuple(img.shape[:2]) != tuple(mask.shape):
         raise ConfigError(f"overlay needs an image (H,W,3) and a map (H,W) of the same size, got "
                           f"{tuple(img.shape)} and {tuple(mask.shape)}")
-    return show_cam_on_image(img.clamp(0, 1).numpy(), mask.clamp(0, 1).numpy(), use_rgb=True,
-                             colormap=COLORMAPS[colormap], image_weight=1.0 - float(alpha))
+    heat = cv2.applyColorMap(np.uint8(255 * mask.clamp(0, 1).numpy()), COLORMAPS[colormap])
+    heat = np.float32(cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)) / 255
+    w = 1.0 - float(alpha)  # the package's image_weight
+    out = (1 - w) * heat + w * img.clamp(0, 1).numpy()
+    return np.uint8(255 * (out / np.max(out)))

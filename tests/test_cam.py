@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from nrrdd_core.cam import (CAM_METHODS, cam_ratio, classic_cam, complexity_score, dae_weight,
-                            explore_cam, find_classifier, grad_cam, noncritical_mask, overlay,
-                            teacher_cam)
+from nrrdd_core.cam import (CAM_METHODS, COLORMAPS, cam_ratio, classic_cam, complexity_score,
+                            dae_weight, explore_cam, find_classifier, grad_cam, noncritical_mask,
+                            overlay, teacher_cam)
 from nrrdd_core.errors import ConfigError
 
 
@@ -207,6 +207,11 @@ def test_overlay():
     out = overlay(img, cam, alpha=0.4, colormap="viridis")
     assert out.dtype == np.uint8 and out.shape == (8, 8, 3)
     np.testing.assert_array_equal(overlay(img.permute(1, 2, 0).numpy(), cam.numpy()), overlay(img, cam))
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # overlay's reference
+    for a, cmap in [(0.4, "viridis"), (0.5, "jet"), (0.0, "hot"), (1.0, "turbo")]:
+        ref = show_cam_on_image(img.permute(1, 2, 0).numpy(), cam.numpy(), use_rgb=True,
+                                colormap=COLORMAPS[cmap], image_weight=1.0 - a)
+        np.testing.assert_array_equal(overlay(img, cam, alpha=a, colormap=cmap), ref)
     with pytest.raises(ConfigError):
         overlay(img, cam, colormap="rainbow")
     with pytest.raises(ConfigError):
