@@ -17,12 +17,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from studio import setup  # noqa: E402
+from studio import cache, setup, widgets  # noqa: E402
 
 st.set_page_config(page_title="NRR-DD Studio", page_icon=":material/blur_on:", layout="wide")
+st.html(widgets.PIXELATED_CSS)
 
 setup.init_session()
 setup.write_url()
+cache.prewarm(setup.current().data_key)  # background imports and data, once per process
 
 page = st.navigation([
     st.Page("app_pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",

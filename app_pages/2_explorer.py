@@ -1,8 +1,6 @@
 """Grad-CAM explorer: where does the teacher look, and what would NRR-DD freeze?"""
 
 import numpy as np
-import pandas as pd
-import plotly.express as px
 import streamlit as st
 import torch
 
@@ -109,6 +107,9 @@ def grid() -> None:
 grid()
 
 # ---- per-class complexity -------------------------------------------------------------------
+import pandas as pd  # noqa: E402 - after the grid: a first visit shows the CAMs sooner
+import plotly.express as px  # noqa: E402
+
 st.subheader("Class complexity")
 st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (SPEC 6); a "
            f"class's score is the mean over its images (first {sample_n} per class).")

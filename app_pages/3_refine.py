@@ -98,6 +98,33 @@ def scaled(a: np.ndarray) -> np.ndarray:
     return a / max(float(a.max()), 1e-8)
 
 
+def image_rows(j: jobs.Job, v: dict) -> list[tuple[str, list[bytes], list[str] | None]]:
+    """The image rows of the latest frame as PNG bytes, encoded once per frame (the fragment
+    polls more often than frames arrive; unchanged bytes keep their URLs, so nothing reloads)."""
+    key = (j.id, v["frames"])
+    cached = st.session_state.get(K.REFINE_ROWS)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    f = v["frame"]
+    rows = []
+    if "images" in f and len(f["images"]):
+        names = [ctx.bundle.config.class_names[y] for y in f["labels"].tolist()]
+        rows.append(("Current images", [widgets.to_hwc(x) for x in f["images"]], names))
+        if "initial" in f:
+            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]], None))
+        if "mask" in f:
+            mk = scaled(f["mask"][:, 0].numpy())
+            rows.append(("Mask: update weight (white = free, black = critical, frozen)",
+                         [widgets.to_hwc(x) for x in mk], None))
+        if "change" in f:
+            ch = f["change"].numpy()
+            rows.append((f"Change since the start (brightest = {ch.max():.3f} in [0,1] pixels)",
+                         [widgets.heat(x) for x in scaled(ch)], None))
+    rows = [(title, [widgets.png(im) for im in imgs], caps) for title, imgs, caps in rows]
+    st.session_state[K.REFINE_ROWS] = (key, rows)
+    return rows
+
+
 def render(j: jobs.Job | None) -> None:
     if j is None:
         st.info("Press **Start refinement** to run the method; the images are redrawn while "
@@ -112,22 +139,9 @@ def render(j: jobs.Job | None) -> None:
     m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
                 else "–", help="Mean teacher probability of each image's label.")
     m[3].metric("Frames drawn", v["frames"])
-    if "images" in f and len(f["images"]):
-        names = [ctx.bundle.config.class_names[y] for y in f["labels"].tolist()]
-        rows = [("Current images", [widgets.to_hwc(x) for x in f["images"]], names)]
-        if "initial" in f:
-            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]], None))
-        if "mask" in f:
-            mk = scaled(f["mask"][:, 0].numpy())
-            rows.append(("Mask: update weight (white = free, black = critical, frozen)",
-                         [widgets.to_hwc(x) for x in mk], None))
-        if "change" in f:
-            ch = f["change"].numpy()
-            rows.append((f"Change since the start (brightest = {ch.max():.3f} in [0,1] pixels)",
-                         [widgets.heat(x) for x in scaled(ch)], None))
-        for title, imgs, caps in rows:
-            st.caption(title)
-            widgets.image_grid(imgs, caps, px=PX)
+    for title, imgs, caps in image_rows(j, v):
+        st.caption(title)
+        widgets.image_grid(imgs, caps, px=PX)
     if hist:  # the loss terms of the current phase
         phase = [r for r in hist if r["phase"] == hist[-1]["phase"]]
         phase = phase[::max(1, len(phase) // 400)]

@@ -9,6 +9,8 @@ a slider only recomputes what changed: a tau, opacity or colour-map change re-us
 
 from __future__ import annotations
 
+import importlib
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -22,8 +24,14 @@ from nrrdd_core.models.teacher import Teacher
 
 from .setup import DEFAULT_CLASS_CAP, Setup, current
 
+log = logging.getLogger(__name__)
+
 #: Serialises forward/backward hooks on the shared teachers (CAMs of two sessions at once).
 TEACHER_LOCK = threading.Lock()
+
+#: Modules the pages after Setup import (seconds on a busy machine), imported by :func:`prewarm`.
+HEAVY_MODULES = ("nrrdd_core.cam", "nrrdd_core.methods", "nrrdd_core.export",
+                 "nrrdd_core.evaluate", "pandas", "plotly.express", "plotly.graph_objects")
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
@@ -56,6 +64,27 @@ def teacher(teacher_key: tuple) -> Teacher:
         from nrrdd_core.models import pretrained_teacher
         return pretrained_teacher(arch, dev)
     raise ValueError(f"unknown teacher kind {kind!r}")
+
+
+@st.cache_resource(show_spinner=False)
+def prewarm(_data_key: tuple) -> threading.Thread:
+    """Once per process: a daemon thread that imports :data:`HEAVY_MODULES` and reads the first
+    session's dataset (``load_dataset`` keeps the built-in one in memory; other entries warm the
+    disk cache) while the first page renders. It calls no ``st.*`` (it has no script context); a
+    failure is only logged: the page that needs the data shows the error."""
+
+    def work() -> None:
+        try:
+            for name in HEAVY_MODULES:
+                importlib.import_module(name)
+            name, kwargs = _data_key
+            load_dataset(name, **dict(kwargs))
+        except Exception as exc:  # noqa: BLE001 - the pages report their own errors
+            log.info("prewarm stopped: %s", exc)
+
+    thread = threading.Thread(target=work, name="nrrdd-prewarm", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

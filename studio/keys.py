@@ -32,6 +32,7 @@ URL_LOADED = "_url_loaded"     # the setup was read from the URL once in this se
 JOB_PARAM = "job"              # URL parameter: id of the job shown by the Refine page
 TEACHER_JOB = "teacher_job"    # id of this session's teacher-training job
 REFINE_JOB = "refine_job"      # id of this session's refinement job
+REFINE_ROWS = "refine_rows"    # (job id, frame count) and that frame's image rows as PNG
 COMPARE_JOB = "compare_job"    # id of this session's Compare job
 EVAL_JOB = "eval_job"          # id of this session's evaluation job
 OPEN_RUN = "open_run"          # path of a saved run to show in Refine (set by the Runs page)

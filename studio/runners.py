@@ -17,8 +17,11 @@ from nrrdd_core.models.teacher import Teacher
 from .jobs import Job
 from .setup import Setup
 
-#: Minimum seconds between two snapshots of a live run (bounds the drawing cost).
-MIN_FRAME_INTERVAL = 0.2
+#: Minimum seconds between two snapshots of a live run (the page polls every 0.3 s).
+MIN_FRAME_INTERVAL = 0.1
+#: Minimum seconds between two measurements of the teacher's confidence on the live images (a
+#: teacher forward pass costs about as much as a refinement step on a busy CPU).
+CONFIDENCE_INTERVAL = 1.0
 
 
 def teacher_ref(s: Setup) -> str:
@@ -28,11 +31,14 @@ def teacher_ref(s: Setup) -> str:
     return f"{s.teacher}:{s.teacher_path or s.teacher_arch}"
 
 
-def snapshot(d, teacher: Teacher) -> dict:
-    """What the Refine page draws: current images, views, teacher confidence on the labels."""
+def snapshot(d, teacher: Teacher, previous: dict | None = None) -> dict:
+    """What the Refine page draws: current images, views, and the teacher's confidence and
+    accuracy on the labels (measured now, or copied from ``previous`` when given)."""
     x, y = d.images()
     frame = {"images": x, "labels": y, "step": d.step_index, **d.views()}
-    if len(x):
+    if previous is not None:
+        frame.update({k: previous[k] for k in ("confidence", "accuracy") if k in previous})
+    elif len(x):
         probs = teacher.predict01(x)
         frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
         frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
@@ -42,8 +48,9 @@ def snapshot(d, teacher: Teacher) -> dict:
 def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
     """Run one method step by step. With ``frames`` (the Refine page) it records every step and
-    a snapshot every ``every`` steps, at most every :data:`MIN_FRAME_INTERVAL` s; without (Compare)
-    it only updates the job's message. Stops between steps on request and returns what it has:
+    a snapshot every ``every`` steps, at most every :data:`MIN_FRAME_INTERVAL` s (the teacher's
+    confidence at most every :data:`CONFIDENCE_INTERVAL` s); without (Compare) it only updates
+    the job's message. Stops between steps on request and returns what it has:
     ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest`` (export manifest),
     ``extras`` (``Distiller.export_extras()``, for ``save_run(..., extras=)``)."""
     t = copy.deepcopy(teacher)
@@ -52,7 +59,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                         device=s.device, seed=s.seed) as d:
         if frames:
             job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t))
-        last, since = time.perf_counter(), 0
+        last = measured = time.perf_counter()
+        since = 0
         while not d.done and not job.should_stop():
             rec = d.step()
             since += 1
@@ -63,8 +71,10 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.perf_counter()
             if frames and (d.done or (since >= every and now - last >= MIN_FRAME_INTERVAL)):
-                job.progress(frame=snapshot(d, t))
+                measure = d.done or now - measured >= CONFIDENCE_INTERVAL
+                job.progress(frame=snapshot(d, t, None if measure else job.frame))
                 last, since = now, 0
+                measured = now if measure else measured
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0

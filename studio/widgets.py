@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Callable
 
@@ -9,6 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 import torch
+from PIL import Image
 
 from nrrdd_core.errors import NrrddError
 
@@ -18,6 +20,10 @@ from .cache import Context, context
 
 #: Display side of one image in grids, in pixels (small images are upscaled, nearest-neighbour).
 TILE_PX = 96
+
+#: Page CSS (``st.html``, added by ``app.py`` on every run): images are sent at their own size
+#: and the browser upscales them nearest-neighbour, so a 32 px image stays sharp and cheap.
+PIXELATED_CSS = "<style>[data-testid='stImage'] img {image-rendering: pixelated;}</style>"
 
 
 def require_context(with_teacher: bool = True) -> Context:
@@ -57,10 +63,15 @@ def to_hwc(x01) -> np.ndarray:
     return a
 
 
-def upscale(img: np.ndarray, px: int = TILE_PX) -> np.ndarray:
-    """Nearest-neighbour upscale of a uint8 ``(H,W,3)`` image to about ``px`` pixels wide."""
-    k = max(1, round(px / img.shape[1]))
-    return np.repeat(np.repeat(img, k, 0), k, 1) if k > 1 else img
+def png(img: np.ndarray) -> bytes:
+    """A uint8 ``(H,W,3)`` image as PNG bytes (for grids redrawn often with the same images)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _width(img: np.ndarray | bytes) -> int:
+    return img.shape[1] if isinstance(img, np.ndarray) else Image.open(io.BytesIO(img)).size[0]
 
 
 def heat(values: np.ndarray) -> np.ndarray:
@@ -80,14 +91,16 @@ def critical_view(img: np.ndarray, cam: np.ndarray, tau: float) -> np.ndarray:
     return np.where(crit, img, tint).astype(np.uint8)
 
 
-def image_grid(images: list[np.ndarray], captions: list[str] | None = None,
+def image_grid(images: list[np.ndarray | bytes], captions: list[str] | None = None,
                px: int = TILE_PX) -> None:
-    """Images (uint8 ``(H,W,3)``) side by side, wrapping, upscaled, as PNG."""
+    """Images (uint8 ``(H,W,3)`` arrays or :func:`png` bytes) side by side, wrapping, sent as
+    PNG at their own size and shown an integer number of times larger, about ``px`` wide (the
+    browser upscales nearest-neighbour, :data:`PIXELATED_CSS`)."""
     if not images:
         st.info("No images to show.")
         return
-    big = [upscale(im, px) for im in images]
-    st.image(big, caption=captions, width=max(im.shape[1] for im in big), output_format="PNG")
+    w = max(_width(im) for im in images)
+    st.image(images, caption=captions, width=max(1, round(px / w)) * w, output_format="PNG")
 
 
 def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
