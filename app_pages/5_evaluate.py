@@ -12,8 +12,9 @@ from studio import keys as K
 PERSIST = {"persist_state": "session"}
 LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances (2 numbers "
                "per image)", "hard": "hard one-hot labels"}
-PROTOCOLS = {"kd": "KD (SPEC 0.4): student distilled from the teacher's labels",
-             "edf": "EDF (SPEC 4.6): ConvNet-IN on the run's learned labels and lr"}
+PROTOCOL_NAMES = {"kd": "KD (SPEC 0.4)", "edf": "EDF (SPEC 4.6)"}
+PROTOCOLS = {"kd": f"{PROTOCOL_NAMES['kd']}: student distilled from the teacher's labels",
+             "edf": f"{PROTOCOL_NAMES['edf']}: ConvNet-IN on the run's learned labels and lr"}
 try:
     from nrrdd_core.evaluate.edf import RUN_EXTRAS
 except ImportError:  # a build without the EDF protocol
@@ -107,7 +108,7 @@ def render(j: jobs.Job | None) -> None:
     rows = v["result"] if v["result"] is not None else v["frame"].get("rows", [])
     if rows:
         used = v["params"].get("protocol", "kd")
-        st.markdown(f"**Results — protocol: {PROTOCOLS[used]}**")
+        st.markdown(f"**Results — {PROTOCOL_NAMES[used]} protocol**")
         st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
             "final_acc": st.column_config.NumberColumn("final top-1 %", format="%.2f"),
             "best_acc": st.column_config.NumberColumn("best top-1 %", format="%.2f"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
     from nrrdd_core.data import load_dataset
     load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
 
-    def report(key, value):
-        print(json.dumps({key: value}), flush=True)
+    def report(key, value):  # with the 1/5/15-minute load averages: the timings depend on them
+        print(json.dumps({key: value, "load_avg": [round(v, 2) for v in os.getloadavg()]}),
+              flush=True)
 
     starts = [time_to_explorer(args.query) for _ in range(args.starts)]
     report("start_to_explorer_s", {"runs": starts, "median": statistics.median(starts)})
