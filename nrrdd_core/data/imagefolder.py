@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from ..errors import ConfigError, DataError
 from . import register_dataset
@@ -75,6 +74,8 @@ def _read(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray, lis
 
 
 def _samples(folder: Path, class_to_idx: dict[str, int]) -> list[Sample]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
 
 
@@ -110,12 +111,16 @@ def _classes(folder: Path) -> tuple[list[str], dict[str, int]]:
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
     try:
+        from torchvision.datasets.folder import find_classes
+
         return find_classes(str(folder))
     except FileNotFoundError as exc:
         raise DataError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>") from exc
 
 
 def _check_nonempty(split: ImageSplit, folder: Path, classes: list[str]) -> None:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     counts = split.counts(len(classes))
     empty = [classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:

@@ -7,22 +7,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets
-
 from ..errors import DataError
 from . import register_dataset
 from .base import DataConfig, DatasetBundle, ImageSplit
 from .npz import PUBLISHED_STATS
 
-#: torchvision class and the folder (inside ``root``) it reads, with the files it needs.
+#: torchvision class name and the files it needs (torchvision is imported on first use: it
+#: costs seconds, and the app's first page does not need it).
 _SETS = {
-    "cifar10": (datasets.CIFAR10, "data_batch_1..5, test_batch, batches.meta"),
-    "cifar100": (datasets.CIFAR100, "train, test, meta"),
+    "cifar10": ("CIFAR10", "data_batch_1..5, test_batch, batches.meta"),
+    "cifar100": ("CIFAR100", "train, test, meta"),
 }
 
 
 def _load(name: str, root: str | Path, download: bool) -> DatasetBundle:
-    cls, files = _SETS[name]
+    from torchvision import datasets
+
+    cls_name, files = _SETS[name]
+    cls = getattr(datasets, cls_name)
     root = Path(root).expanduser()
     folder = root / cls.base_folder
     try:
