@@ -5,6 +5,7 @@ import hashlib
 import streamlit as st
 import torch
 
+from nrrdd_core.cam import overlay
 from nrrdd_core.data import list_datasets
 from nrrdd_core.device import device_info
 from nrrdd_core.errors import NrrddError
@@ -171,6 +172,7 @@ with right:
 
     s = setup.current()
     teacher = None
+    teacher_ok = False
     if kind in ("train", "file", "resnet_cifar") and not s.teacher_path:
         st.info("No checkpoint yet: " + ("train one above." if kind == "train" else
                                           "upload one or give its path."))
@@ -195,6 +197,7 @@ with right:
                       f"{n_params / 1e3:.1f} k")
             st.success(f"Matches the dataset: {cfg.num_classes} classes in the same order, "
                        f"{cfg.image_size} px.", icon=":material/check_circle:")
+            teacher_ok = True
         st.caption(f"{teacher.arch} · CAM layer `{teacher.cam_layer}` · "
                    f"{teacher.source or 'unknown source'}")
 
@@ -208,6 +211,18 @@ with right:
                    f"{info['total_bytes'] / 2**30:.1f} GiB")
     else:
         st.caption(f"CPU · {torch.get_num_threads()} threads · no CUDA device in use")
+
+if teacher_ok:
+    st.subheader("The teacher's view")
+    class_ids = [cfg.class_names.index(n) for n in cfg.class_names if n in used][:10]
+    idx = tuple(cache.pool_indices(s.data_key, tuple(class_ids), 1).tolist())
+    cams = cache.cam_maps(s.teacher_key, "cam", teacher.cam_layer, idx, teacher, bundle)
+    x01 = bundle.train.float01(list(idx))
+    widgets.image_grid([overlay(x01[i], cams[i], 0.5, "jet") for i in range(len(idx))],
+                       [cfg.class_names[c] for c in class_ids], px=96)
+    st.caption("Class activation map (CAM, SPEC 3.1) of the teacher for the true class of one "
+               "training image per class in use: red = the critical region the teacher looks "
+               "at. The Grad-CAM explorer shows many more, with the tau threshold.")
 
 st.divider()
 st.page_link("app_pages/2_explorer.py", label="Next: look at the teacher's CAMs in the Grad-CAM "

@@ -88,6 +88,10 @@ def test_setup_loads_with_defaults():
     assert at.title[0].value == "Setup"
     assert at.selectbox(key="ds").value == "shapes"
     assert at.radio(key="teacher").value == "shipped"
+    # the home page shows images of the built-in dataset with the shipped teacher's CAMs
+    assert any(h.value == "The teacher's view" for h in at.subheader)
+    assert any("Class activation map" in c.value for c in at.caption)
+    assert len(at.get("image")) >= 2  # class thumbnails + the CAM overlays
 
 
 def test_setup_shows_teacher_accuracy_and_is_kept_in_the_url(teacher_path):
