@@ -1,6 +1,6 @@
 """Device selection: chosen once per run, ``auto`` = CUDA when present, else CPU.
 
-The library never calls ``.cuda()``; tensors move with ``.to(device)``.
+The library never hard-codes CUDA; tensors move with ``.to(device)``.
 """
 
 from __future__ import annotations
