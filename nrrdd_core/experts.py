@@ -38,6 +38,7 @@ from .device import make_generator, resolve_device
 from .dsa import DSA_STRATEGIES, check_strategies, dsa
 from .errors import CheckpointError, ConfigError, StoppedError
 from .io import atomic_torch_save, atomic_write_json, cache_dir, config_key, safe_torch_load
+from .models.train import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -247,20 +248,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on model-ready images ``x`` ``(N,3,H,W)`` (CPU or
-    device) with labels ``y`` ``(N,)``."""
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += int((model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum())
-    model.train(was)
-    return correct / max(len(x), 1)
 
 
 # ---- the buffer on disk -------------------------------------------------------------------------

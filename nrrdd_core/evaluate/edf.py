@@ -20,7 +20,8 @@ from ..data.base import DatasetBundle
 from ..device import make_generator, resolve_device
 from ..dsa import DSA_STRATEGIES, dsa
 from ..errors import ConfigError, DataError, NonFiniteLossError, StoppedError
-from ..experts import accuracy, seeded_model, soft_cross_entropy, zca_for
+from ..experts import seeded_model, soft_cross_entropy, zca_for
+from ..models.train import accuracy
 from ..models.teacher import Teacher
 from .kd import EvalConfig, EvalResult, eval_epochs
 

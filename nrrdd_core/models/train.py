@@ -108,20 +108,14 @@ def teacher_cache_path(cfg: TeacherTrainConfig, bundle: DatasetBundle) -> Path:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
-                      data_config: DataConfig, device: torch.device | str | None = None,
-                      batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of a model (normalised input) on a split of uint8 images.
-
-    The model is evaluated in eval mode and its previous train/eval mode restored. Batches go to
-    ``device`` (default: the model's device; the model is not moved).
-
-    Raises:
-        DataError: the split is empty.
-    """
-    if len(split) == 0:
-        raise DataError("cannot evaluate accuracy on an empty split")
-    model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on images ``x`` ``(N,3,H,W)`` with labels ``y``
+    ``(N,)``, in batches moved to ``device`` (default: the model's device; the model is not
+    moved); ``transform`` (e.g. uint8 -> normalised) is applied to each batch there, else ``x``
+    must be model-ready. The model runs in eval mode and its train/eval mode is restored. An
+    empty ``x`` gives 0."""
     first = next(model.parameters(), None)
     dev = resolve_device(device) if device is not None else (
         first.device if first is not None else torch.device("cpu"))
@@ -129,12 +123,31 @@ def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
     model.eval()
     try:
         correct = 0
-        for i in range(0, len(split), batch_size):
-            xb = data_config.normalize(split.x[i:i + batch_size].to(dev).float().div_(255))
-            correct += int((model(xb).argmax(1).cpu() == split.y[i:i + batch_size]).sum())
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(dev)
+            if transform is not None:
+                xb = transform(xb)
+            correct += int((model(xb).argmax(1).cpu() == y[i:i + batch_size]).sum())
     finally:
         model.train(was_training)
-    return correct / len(split)
+    return correct / max(len(x), 1)
+
+
+def evaluate_accuracy(model_or_teacher: nn.Module | Teacher, split: ImageSplit,
+                      data_config: DataConfig, device: torch.device | str | None = None,
+                      batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1] of a model (normalised input) on a split of uint8 images
+    (:func:`accuracy` with ``data_config``'s normalisation; the model is not moved).
+
+    Raises:
+        DataError: the split is empty.
+    """
+    if len(split) == 0:
+        raise DataError("cannot evaluate accuracy on an empty split")
+    model = model_or_teacher.model if isinstance(model_or_teacher, Teacher) else model_or_teacher
+    return accuracy(model, split.x, split.y, batch_size,
+                    transform=lambda xb: data_config.normalize(xb.float().div_(255)),
+                    device=device)
 
 
 def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle,
