@@ -230,7 +230,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for r in rows:
             rng = ("one of " + ", ".join(map(str, r["choices"]))) if r["choices"] else describe_range(r)
             unit = f" {r['unit']}" if r["unit"] not in (None, "1") else ""
-            print(f"  {r['name']} = {r['default']}{unit}  {rng}  {r['doc']}")
+            default = repr(r["default"]) if isinstance(r["default"], str) else r["default"]
+            print(f"  {r['name']} = {default}{unit}  " + (f"{rng}  " if rng else "") + r["doc"])
         print()
     return 0
 

@@ -118,8 +118,11 @@ class ConfigBase:
 
 
 def describe_range(meta: dict) -> str:
-    """Human form of a field's range, e.g. ``[0, 1]`` or ``(0, inf)``."""
+    """Human form of a field's range, e.g. ``[0, 1]`` or ``(0, inf)``; ``""`` for a field with
+    no range (booleans, strings, or numbers without bounds)."""
     lo, hi = meta.get("lo"), meta.get("hi")
+    if meta.get("type") == "bool" or (lo is None and hi is None):
+        return ""
     left = "(" if (lo is None or meta.get("lo_open")) else "["
     right = ")" if (hi is None or meta.get("hi_open")) else "]"
     return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"

@@ -42,6 +42,8 @@ def test_methods_lists_every_field(capsys):
     assert code == 0
     for m in list_methods():
         assert f"{m}:" in out
+    assert "-inf" not in out  # fields without bounds (bools, strings) show no range
+    assert "  dsa = True  DSA" in out and "  tau = 0.5  [0.0, 1.0]" in out
     code, out, _ = run(capsys, "methods", "--json")
     table = json.loads(out)
     assert set(table) == set(list_methods())
