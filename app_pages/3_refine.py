@@ -98,8 +98,9 @@ def scaled(a: np.ndarray) -> np.ndarray:
     return a / max(float(a.max()), 1e-8)
 
 
-def image_rows(j: jobs.Job, v: dict) -> list[tuple[str, list[bytes], list[str] | None]]:
-    """The image rows of the latest frame as PNG bytes, encoded once per frame (the fragment
+def image_rows(j: jobs.Job, v: dict) -> list[tuple[str, bytes, int]]:
+    """The latest frame as one PNG per row kind (current, initial, mask, change; a
+    :func:`widgets.mosaic` each), with its display width; encoded once per frame (the fragment
     polls more often than frames arrive; unchanged bytes keep their URLs, so nothing reloads)."""
     key = (j.id, v["frames"])
     cached = st.session_state.get(K.REFINE_ROWS)
@@ -108,19 +109,21 @@ def image_rows(j: jobs.Job, v: dict) -> list[tuple[str, list[bytes], list[str] |
     f = v["frame"]
     rows = []
     if "images" in f and len(f["images"]):
-        names = [ctx.bundle.config.class_names[y] for y in f["labels"].tolist()]
-        rows.append(("Current images", [widgets.to_hwc(x) for x in f["images"]], names))
+        labels = f["labels"].tolist()
+        cols, where = widgets.mosaic_layout(labels, ctx.bundle.config.class_names)
+        rows.append((f"Current images ({where})", [widgets.to_hwc(x) for x in f["images"]]))
         if "initial" in f:
-            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]], None))
+            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]]))
         if "mask" in f:
             mk = scaled(f["mask"][:, 0].numpy())
             rows.append(("Mask: update weight (white = free, black = critical, frozen)",
-                         [widgets.to_hwc(x) for x in mk], None))
+                         [widgets.to_hwc(x) for x in mk]))
         if "change" in f:
             ch = f["change"].numpy()
             rows.append((f"Change since the start (brightest = {ch.max():.3f} in [0,1] pixels)",
-                         [widgets.heat(x) for x in scaled(ch)], None))
-    rows = [(title, [widgets.png(im) for im in imgs], caps) for title, imgs, caps in rows]
+                         [widgets.heat(x) for x in scaled(ch)]))
+        rows = [(title, widgets.png(m := widgets.mosaic(imgs, cols)),
+                 m.shape[1] * max(1, round(PX / imgs[0].shape[1]))) for title, imgs in rows]
     st.session_state[K.REFINE_ROWS] = (key, rows)
     return rows
 
@@ -139,10 +142,16 @@ def render(j: jobs.Job | None) -> None:
     m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
                 else "–", help="Mean teacher probability of each image's label.")
     m[3].metric("Frames drawn", v["frames"])
-    for title, imgs, caps in image_rows(j, v):
+    for title, png, width in image_rows(j, v):
         st.caption(title)
-        widgets.image_grid(imgs, caps, px=PX)
-    if hist:  # the loss terms of the current phase
+        st.image(png, width=width, output_format="PNG")
+
+
+def render_curves(j: jobs.Job | None) -> None:
+    """The loss terms of the current phase (redrawn once a second: a plotly chart costs the
+    browser far more than the images)."""
+    hist = j.view()["history"] if j is not None else []
+    if hist:
         phase = [r for r in hist if r["phase"] == hist[-1]["phase"]]
         phase = phase[::max(1, len(phase) // 400)]
         st.plotly_chart(widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
@@ -150,7 +159,8 @@ def render(j: jobs.Job | None) -> None:
             key=K.LOSS_CHART)
 
 
-widgets.live(job.id if job else None, render)
+widgets.live(job.id if job else None, render, interval=0.2)
+widgets.live(job.id if job else None, render_curves, interval=1.0)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:

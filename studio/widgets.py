@@ -103,6 +103,39 @@ def image_grid(images: list[np.ndarray | bytes], captions: list[str] | None = No
     st.image(images, caption=captions, width=max(1, round(px / w)) * w, output_format="PNG")
 
 
+def mosaic(images: list[np.ndarray], cols: int, gap: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile uint8 ``(H,W,3)`` images of one size row-major, ``cols`` per row, ``gap`` pixels of
+    ``fill`` between them: one ``(rows*(H+gap)-gap, cols*(W+gap)-gap, 3)`` uint8 image. A live
+    view sends one picture per row kind instead of one per image (fewer files to fetch and lay
+    out per frame)."""
+    if not images:
+        raise ValueError("mosaic needs at least one image")
+    h, w, ch = images[0].shape
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, ch), fill, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = im
+    return out
+
+
+def mosaic_layout(labels: list[int], class_names: list[str], max_cols: int = 10) -> tuple[int, str]:
+    """Columns of a :func:`mosaic` of images grouped by class (``labels`` in class order) and a
+    caption naming where each class is: one row per class when a class has several images,
+    else the classes left to right (wrapping every ``max_cols``)."""
+    order = list(dict.fromkeys(labels))
+    per = max(labels.count(c) for c in order) if labels else 1
+    names = ", ".join(class_names[c] for c in order)
+    if per > 1 and all(labels.count(c) == per for c in order):
+        return per, f"one row per class, top to bottom: {names}"
+    cols = min(len(labels), max_cols)
+    if per > 1:
+        return cols, f"grouped by class, in this order: {names}"
+    where = "left to right" + (", then the next row" if len(labels) > cols else "")
+    return cols, f"classes {where}: {names}"
+
+
 def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
                class_names: list[str], px: int = 64) -> None:
     """One row per class of a set of images ``(N,3,H,W)`` in [0,1] with labels ``(N,)``."""
@@ -194,6 +227,9 @@ def job_status(view: dict, unit: str = "steps") -> None:
 def curves(history: list[dict], x: str, ys: list[str] | None = None, title: str = "",
            yaxis: str = "", log_y: bool = False) -> go.Figure:
     """A plotly line chart of ``history`` rows (dicts) with one line per numeric key."""
+    # plotly's validators look pandas up in sys.modules: while the prewarm thread is importing
+    # it they find a half-initialised module and fail. A real import waits for it to finish.
+    import pandas  # noqa: F401
     ys = ys or sorted({k for r in history for k, v in r.items()
                        if k != x and isinstance(v, (int, float)) and not isinstance(v, bool)})
     fig = go.Figure()

@@ -143,9 +143,25 @@ def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     poll(at, lambda a: progress_text(a).startswith(("done", "error")))
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
     assert any("Current images" in c.value for c in at.caption)
+    assert len(at.image) == 4  # one mosaic each: current, initial, mask, change since the start
     at.button(key="save_run").click().run()
     assert at.success, [e.value for e in at.error]
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_mosaic_places_each_image_in_its_cell():
+    import numpy as np
+
+    from studio.widgets import mosaic, mosaic_layout
+    ims = [np.full((2, 3, 3), i, np.uint8) for i in range(5)]
+    m = mosaic(ims, cols=2, gap=1, fill=255)
+    assert m.shape == (3 * 3 - 1, 2 * 4 - 1, 3)
+    assert (m[0:2, 0:3] == 0).all() and (m[0:2, 4:7] == 1).all() and (m[3:5, 0:3] == 2).all()
+    assert (m[6:8, 0:3] == 4).all() and (m[6:8, 4:7] == 255).all()  # empty last cell
+    assert (m[2] == 255).all() and (m[:, 3] == 255).all()  # the gaps
+    assert mosaic_layout([0, 0, 1, 1], ["a", "b"]) == (2, "one row per class, top to bottom: a, b")
+    cols, where = mosaic_layout(list(range(12)), [str(i) for i in range(12)])
+    assert cols == 10 and "next row" in where
 
 
 def test_refine_failure_is_shown_and_app_stays_usable(teacher_path):
