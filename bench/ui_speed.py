@@ -9,7 +9,9 @@ Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 cl
 3. seconds from a tau key press to the explorer's 40 images redrawn (target <= 0.5 s), median
    of several presses.
 
-Usage: ``python bench/ui_speed.py [--query "teacher=file&teacher_path=..."] [--window 10]``
+Usage: ``python bench/ui_speed.py [--query "teacher=file&teacher_path=..."] [--window 10]
+[--out bench/results/ui_speed_cpu.json]``; ``--tiny`` is a seconds-long smoke run for tests
+(tiny app mode, one start, two tau presses, a 2 s window: the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,11 +37,15 @@ CAM_GRID_READY = """() => {
 }"""
 
 
-def time_to_explorer(query: str) -> float:
-    with shots.serve() as (base, t0), shots.browser() as page:
+def time_to_explorer(query: str, env: dict | None = None) -> dict:
+    """Seconds from starting the server to the explorer's CAM grid, with the browser already
+    open (its own launch is not the app's start-up); also when the server answered its health
+    check."""
+    with shots.browser() as page, shots.serve(env) as (base, t0):
+        health = time.perf_counter() - t0
         page.goto(f"{base}/explorer{'?' + query if query else ''}")
         page.wait_for_function(CAM_GRID_READY, timeout=120_000)
-        return time.perf_counter() - t0
+        return {"total_s": time.perf_counter() - t0, "server_ready_s": health}
 
 
 REDRAWN = """(before) => {
@@ -66,9 +73,14 @@ def tau_redraw(page, presses: int = 6) -> list[float]:
     return out
 
 
-def live_rate(page, window: float) -> dict:
+def live_rate(page, window: float, iterations: int | None = None) -> dict:
     """Distinct live images per second over ``window`` seconds of the refinement phase."""
     shots.goto_page(page, "Refine live")
+    if iterations is not None:
+        box = page.locator('[data-testid="stNumberInput"]').filter(has_text="iterations").first
+        box.locator("input").fill(str(iterations))
+        box.locator("input").press("Enter")
+        shots.idle(page)
     page.get_by_role("button", name="Start refinement").click()
     page.locator('[data-testid="stMetric"]').filter(has_text="Phase").filter(
         has_text="refine").wait_for(timeout=900_000)  # after CIDD (60 steps at the defaults)
@@ -81,8 +93,10 @@ def live_rate(page, window: float) -> dict:
             last = src
         page.wait_for_timeout(20)
     steps = shots.metric_value(page, "Steps per second")
-    page.get_by_role("button", name="Stop run").click()
-    return {"updates_per_s": seen / window, "steps_per_s": steps}
+    stop = page.get_by_role("button", name="Stop run")
+    if stop.is_enabled():
+        stop.click()
+    return {"updates_per_s": seen / window, "steps_per_s": steps, "window_s": window}
 
 
 def main(argv=None) -> int:
@@ -90,24 +104,43 @@ def main(argv=None) -> int:
     ap.add_argument("--query", default="", help="setup as a URL query (default: built-in)")
     ap.add_argument("--window", type=float, default=10.0, help="seconds of live refinement watched")
     ap.add_argument("--starts", type=int, default=3, help="server starts timed")
+    ap.add_argument("--presses", type=int, default=6, help="tau key presses timed")
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--tiny", action="store_true", help="smoke setting for tests")
     args = ap.parse_args(argv)
+    env, iterations = None, None
+    if args.tiny:
+        import tempfile
+        tmp = Path(tempfile.mkdtemp(prefix="nrrdd_ui_speed_"))
+        env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp / "runs")}
+        args.starts, args.presses, args.window, iterations = 1, 2, 2.0, 3000
 
     from nrrdd_core.data import load_dataset
     load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
+    doc = {"command": "python bench/ui_speed.py " + " ".join(argv if argv is not None else
+                                                              sys.argv[1:]),
+           "query": args.query, "tiny": args.tiny, "cpu_count": os.cpu_count(),
+           "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
 
     def report(key, value):  # with the 1/5/15-minute load averages: the timings depend on them
-        print(json.dumps({key: value, "load_avg": [round(v, 2) for v in os.getloadavg()]}),
-              flush=True)
+        doc[key] = {**value, "load_avg": [round(v, 2) for v in os.getloadavg()]}
+        print(json.dumps({key: doc[key]}), flush=True)
 
-    starts = [time_to_explorer(args.query) for _ in range(args.starts)]
-    report("start_to_explorer_s", {"runs": starts, "median": statistics.median(starts)})
-    with shots.serve() as (base, _), shots.browser() as page:
+    starts = [time_to_explorer(args.query, env) for _ in range(args.starts)]
+    report("start_to_explorer_s", {"runs": [s["total_s"] for s in starts],
+                                   "server_ready_s": [s["server_ready_s"] for s in starts],
+                                   "median": statistics.median(s["total_s"] for s in starts)})
+    with shots.browser() as page, shots.serve(env) as (base, _):
         page.goto(f"{base}/explorer{'?' + args.query if args.query else ''}")
         page.wait_for_function(CAM_GRID_READY, timeout=120_000)
         shots.idle(page)
-        taus = tau_redraw(page)
+        taus = tau_redraw(page, args.presses)
         report("tau_redraw_40_images_s", {"runs": taus, "median": statistics.median(taus)})
-        report("live_refinement", live_rate(page, args.window))
+        report("live_refinement", live_rate(page, args.window, iterations))
+    if args.out:
+        sys.path.insert(0, str(REPO / "bench"))
+        import common
+        common.write_json(args.out, doc)
     return 0
 
 

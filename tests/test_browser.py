@@ -41,3 +41,18 @@ def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
     assert len({src for _, src in out["live"]}) >= 3  # the live image changed at least twice
     assert (tmp_path / "shots" / "refine.png").stat().st_size > 10_000
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_ui_speed_bench_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("ui_speed", REPO / "bench" / "ui_speed.py")
+    ui_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ui_speed)
+    teacher = tiny_teacher(tmp_path / "tiny.pt")
+    query = urlencode({"teacher": "file", "teacher_path": str(teacher)})
+    out = tmp_path / "ui.json"
+    assert ui_speed.main(["--tiny", "--query", query, "--out", str(out)]) == 0
+    import json
+    doc = json.loads(out.read_text())
+    assert doc["start_to_explorer_s"]["median"] > doc["start_to_explorer_s"]["server_ready_s"][0] > 0
+    assert len(doc["tau_redraw_40_images_s"]["runs"]) == 2
+    assert doc["live_refinement"]["updates_per_s"] >= 0
