@@ -12,7 +12,7 @@ install: .venv/bin/python
 	.venv/bin/python -m pip install -q -r requirements.txt
 
 run: install
-	.venv/bin/streamlit run app.py
+	.venv/bin/python -m studio
 
 test:
 	bash scripts/test.sh

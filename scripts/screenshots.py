@@ -38,10 +38,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(env: dict | None = None, port: int | None = None, timeout: float = 60.0):
-    """Start ``streamlit run app.py`` on a free localhost port; yield ``(base_url, started_at)``
+    """Start the app as ``make run`` does (``python -m studio``: ``streamlit run app.py`` with a
+    start-up warm-up) on a free localhost port; yield ``(base_url, started_at)``
     (``time.perf_counter()`` just before the process starts); stop it afterwards."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
+    cmd = [sys.executable, "-m", "studio",
            "--server.headless", "true", "--server.address", "127.0.0.1",
            "--server.port", str(port), "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]

@@ -282,3 +282,14 @@ def test_cifar10_npz_with_the_public_resnet20(shared_data):
     assert float(metric(at, "Test accuracy").split()[0]) > 60  # JPEG copy: about 81 %
     at.switch_page("app_pages/2_explorer.py").run()
     assert not at.exception and metric(at, "Images") == "4"
+
+
+def test_startup_warm_up_loads_the_default_setup(caplog):
+    import logging
+
+    from studio import warm
+    with caplog.at_level(logging.INFO, logger="studio.warm"):
+        seconds = warm.warm()
+    assert seconds > 0
+    assert "warm-up stopped" not in caplog.text, caplog.text
+    assert "warm-up done" in caplog.text
