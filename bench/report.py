@@ -38,12 +38,25 @@ def _machine(m: dict) -> str:
     return s
 
 
+def compute_seconds(doc: dict) -> float:
+    """Seconds of compute of every unit in ``doc`` (teacher training, experts, each distilled set
+    once, each evaluation), cached or not: what a run from an empty cache costs on that machine."""
+    total = sum(t.get("train_seconds") or 0 for t in doc.get("teachers", {}).values())
+    total += (doc.get("experts") or {}).get("seconds", 0)
+    for r in doc.get("rows", []):
+        total += sum(r.get("eval_seconds") or [])
+        if not (r["table"] == "comparison" and r.get("protocol") == "edf"):  # same sets as KD
+            total += sum(r.get("distill_seconds") or [])
+    return total
+
+
 def accuracy_markdown(doc: dict) -> str:
     """The accuracy tables of one ``accuracy_<budget>.json`` document."""
     cmd = _cmd(doc)
     out = [f"### Budget `{doc['budget']}` ({doc['status']})", "",
            f"Command: {cmd}. Machine: {_machine(doc['machine'])}. Wall time so far: "
-           f"{doc.get('elapsed_s', 0) / 60:.0f} min (cached units excluded).", "", doc.get("note", ""), ""]
+           f"{doc.get('elapsed_s', 0) / 60:.0f} min (cached units excluded); compute of all its units "
+           f"(a run from an empty cache): {compute_seconds(doc) / 60:.0f} min.", "", doc.get("note", ""), ""]
     if doc.get("budget_gap") and doc["budget"] != "paper":
         out += ["How far this budget is below the published one:", "",
                 common.md_table(["item", "this budget", "published", "published / this"],
