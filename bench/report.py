@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import common
@@ -156,8 +157,27 @@ a target for the reduced budgets below. The pretrained ResNet-20 was trained on 
 """
 
 
+def ui_markdown(doc: dict) -> str:
+    """The table of one ``ui_speed_*.json`` document (``bench/ui_speed.py --out``)."""
+    st, tau, live = doc["start_to_explorer_s"], doc["tau_redraw_40_images_s"], doc["live_refinement"]
+    rows = [["server start to the explorer's CAM grid (browser already open)",
+             f"{st['median']:.2f} s (median of {len(st['runs'])}; server ready after "
+             f"{statistics.median(st['server_ready_s']):.2f} s)", "<= 5 s",
+             "yes" if st["median"] <= 5 else "no"],
+            ["explorer redraw after a tau change, 40 images", f"{tau['median']:.2f} s (median of "
+             f"{len(tau['runs'])})", "<= 0.5 s", "yes" if tau["median"] <= 0.5 else "no"],
+            ["UI updates during live NRR-DD refinement", f"{live['updates_per_s']:.1f} per s over "
+             f"{live.get('window_s', 10):.0f} s, at {live['steps_per_s']} refinement steps per s",
+             ">= 2 per s", "yes" if live["updates_per_s"] >= 2 else "no"]]
+    return "\n".join([f"Command: `{doc['command']}` (real Chromium via Playwright, built-in defaults, "
+                      f"shipped teacher). Load average {doc['load_avg_before'][0]:.1f} at start, "
+                      f"{doc['cpu_count']} CPUs.", "",
+                      common.md_table(["measure", "ours", "target", "met"], rows), ""])
+
+
 def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULTS_MD) -> Path:
-    """Regenerate ``docs/RESULTS.md`` from every ``speed_*.json`` and ``accuracy_*.json``."""
+    """Regenerate ``docs/RESULTS.md`` from every ``speed_*.json``, ``ui_speed_*.json`` and
+    ``accuracy_*.json``."""
     parts = [HEADER]
     speeds = sorted(results_dir.glob("speed_*.json"))
     if speeds:
@@ -171,6 +191,11 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
                   "included). Timings on a shared machine are noisy: the load average is given.", ""]
         for p in speeds:
             parts.append(speed_markdown(json.loads(p.read_text())))
+    uis = sorted(results_dir.glob("ui_speed_*.json"))
+    if uis:
+        parts += ["## The app", ""]
+        for p in uis:
+            parts.append(ui_markdown(json.loads(p.read_text())))
     accs = sorted(results_dir.glob("accuracy_*.json"))
     if accs:
         parts += ["## Accuracy of the distilled sets", ""]

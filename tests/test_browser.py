@@ -43,7 +43,7 @@ def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
 
 
-def test_ui_speed_bench_tiny(tmp_path):
+def test_ui_speed_bench_tiny(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("ui_speed", REPO / "bench" / "ui_speed.py")
     ui_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ui_speed)
@@ -56,3 +56,7 @@ def test_ui_speed_bench_tiny(tmp_path):
     assert doc["start_to_explorer_s"]["median"] > doc["start_to_explorer_s"]["server_ready_s"][0] > 0
     assert len(doc["tau_redraw_40_images_s"]["runs"]) == 2
     assert doc["live_refinement"]["updates_per_s"] >= 0
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import report
+    md = report.ui_markdown(doc)
+    assert "| UI updates during live NRR-DD refinement |" in md and "bench/ui_speed.py --tiny" in md
