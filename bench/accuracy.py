@@ -2,7 +2,8 @@
 
 On ../shared/data CIFAR-10 (20,000 JPEG-decoded training images, the full 10,000-image JPEG test
 set): train the ConvNet-BN-3 teacher with ``train_teacher`` (the squeeze step); distil IPC 10 with
-SRe2L, RDED, NRR-DD and EDF from that teacher with the same seeds and classes; evaluate every set
+SRe2L, RDED, NRR-DD and EDF from that teacher with the same seeds and classes (IPC 1 and 50 too,
+one seed, on the CPU budget; EDF's CPD alpha per IPC as in SPEC 4.4); evaluate every set
 with the same student (ConvNet-BN) and the KD protocol (SPEC 0.4), EDF also with its own protocol
 (SPEC 4.6); the random real subset as baseline; then ablations at a small budget (NRR-DD tau and
 mask mode, soft / DBR / hard labels with their label bytes, EDF alpha x beta); finally the whole
@@ -69,6 +70,8 @@ class Budget:
     alphas: tuple[float, ...]
     betas: tuple[float, ...]
     ablation_methods: dict = field(default_factory=dict)  # overrides on top of ``methods``
+    more_ipcs: tuple[int, ...] = ()   # also these IPCs, first seed and first teacher only
+    ipc_methods: dict = field(default_factory=dict)  # ipc -> method -> overrides (SPEC per-IPC values)
     student_width: int = 0
     note: str = ""
 
@@ -76,6 +79,8 @@ class Budget:
 EDF_CPU = {"iterations": 40, "syn_steps": 5, "batch_syn": 20, "expert_epochs": 2,
            "min_start_epoch": 0, "current_max_start_epoch": 2, "max_start_epoch": 6,
            "expansion_iterations": 20, "cpd_alpha": 0.25, "dae_beta": 1.0, "dae_interval": 10}
+#: SPEC 4.4 [code]: the CPD fraction alpha depends on the IPC (0.25 at IPC 10 is in the configs).
+EDF_ALPHA_BY_IPC = {1: {"edf": {"cpd_alpha": 0.0}}, 50: {"edf": {"cpd_alpha": 0.375}}}
 BUDGETS = {
     "cpu": Budget(
         name="cpu", dataset="cifar10",
@@ -88,13 +93,15 @@ BUDGETS = {
         ablation_ipc=10, ablation_eval_epochs=20,
         taus=(0.1, 0.3, 0.5, 0.7, 0.9), mask_modes=("soft", "binary", "scaled"),
         label_modes=("soft", "dbr", "hard"), alphas=(0.0, 0.25, 0.5), betas=(0.0, 1.0, 2.0),
-        ablation_methods={"edf": {"iterations": 20, "expansion_iterations": 10}},
+        ablation_methods={"edf": {"iterations": 20, "expansion_iterations": 10}}, more_ipcs=(1, 50),
+        ipc_methods=EDF_ALPHA_BY_IPC,
         note="CPU budget: teacher 3 epochs (published 200), SRe2L 100 iterations (1000), NRR-DD "
              "100 refinement iterations (2000), EDF 40 iterations of syn_steps 5 x batch 20 (5000 of "
              "80 x 100) with 2 experts x 8 epochs on 2,000 images, width 64, no ZCA (100 x 50 on "
              "50,000, width 128, ZCA), "
              "students 40 KD epochs (300) / 100 EDF epochs (1000), tested once after the last "
-             "epoch; ablations one seed, 20 student epochs, EDF grid 20 iterations."),
+             "epoch; IPC 1 and 50 one seed, ConvNet-BN teacher only; ablations one seed, 20 "
+             "student epochs, EDF grid 20 iterations."),
     "paper": Budget(
         name="paper", dataset="cifar10",
         teacher=TeacherTrainConfig(arch="convnet_bn", depth=3, epochs=200, seed=0), resnet20=True,
@@ -106,7 +113,7 @@ BUDGETS = {
                          "dae_interval": 100}},
         experts={"num_experts": 100, "epochs": 50, "width": 128, "depth": 3, "zca": True},
         eval_epochs=300, edf_eval_epochs=1000, final_only=False,
-        ablation_ipc=10, ablation_eval_epochs=300,
+        ablation_ipc=10, ablation_eval_epochs=300, ipc_methods=EDF_ALPHA_BY_IPC,
         taus=(0.1, 0.3, 0.5, 0.7, 0.9), mask_modes=("soft", "binary", "scaled"),
         label_modes=("soft", "dbr", "hard"), alphas=(0.0, 0.25, 0.5), betas=(0.0, 1.0, 2.0),
         note="Published budgets (SPEC 0.1, 0.4, 1-4): teacher 200 epochs, SRe2L 1000 iterations, "
@@ -123,7 +130,8 @@ BUDGETS = {
         experts={"num_experts": 1, "epochs": 4, "width": 8, "train_per_class": 5},
         eval_epochs=1, edf_eval_epochs=2, final_only=True, ablation_ipc=1, ablation_eval_epochs=1,
         taus=(0.1, 0.5), mask_modes=("soft", "binary"), label_modes=("soft", "dbr", "hard"),
-        alphas=(0.0, 0.25), betas=(0.0, 1.0), student_width=8,
+        alphas=(0.0, 0.25), betas=(0.0, 1.0), student_width=8, more_ipcs=(2,),
+        ipc_methods={2: {"edf": {"cpd_alpha": 0.5}}},
         note="tiny smoke setting on the built-in shapes dataset (numbers mean nothing)"),
 }
 
@@ -296,14 +304,15 @@ class Bench:
         return row
 
     # ---- the run ------------------------------------------------------------------------------
-    def comparison(self, tname: str) -> None:
+    def comparison(self, tname: str, ipcs: tuple[int, ...] | None = None,
+                   seeds: tuple[int, ...] | None = None) -> None:
         b = self.b
-        for ipc in b.ipcs:
+        for ipc in ipcs or b.ipcs:
             kd = {m: [] for m in (*METHODS, "random")}
             edf_own, dsec = [], {m: [] for m in METHODS}
-            for seed in b.seeds:
+            for seed in seeds or b.seeds:
                 for m in METHODS:
-                    d = self.distill(m, tname, ipc, seed)
+                    d = self.distill(m, tname, ipc, seed, b.ipc_methods.get(ipc, {}).get(m))
                     dsec[m].append(d["seconds"])
                     kd[m].append(self.evaluate(d, tname, seed, b.eval_epochs, ipc=ipc))
                     self._comparison_row(tname, ipc, m, "kd", kd[m], dsec[m])
@@ -318,7 +327,8 @@ class Bench:
         self.add_row("comparison", rows, teacher=tname, ipc=ipc, method=method, protocol=protocol,
                      student="convnet_bn" if protocol == "kd" else "convnet_in (EDF protocol)",
                      eval_epochs=epochs, distill_seconds=dsec,
-                     method_budget={} if method == "random" else _budget_fields(method, self.b.methods[method]),
+                     method_budget={} if method == "random" else _budget_fields(
+                         method, {**self.b.methods[method], **self.b.ipc_methods.get(ipc, {}).get(method, {})}),
                      published=published(method, ipc) if method != "random" else "-")
 
     def ablations(self, tname: str) -> None:
@@ -365,6 +375,8 @@ class Bench:
             self.teachers["resnet20"] = self.resnet20()
             self.save()
             self.comparison("resnet20")
+        if self.b.more_ipcs:
+            self.comparison("convnet_bn", self.b.more_ipcs, self.b.seeds[:1])
         self.doc["status"] = "complete"
         self.save()
 

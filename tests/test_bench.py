@@ -45,9 +45,12 @@ def test_accuracy_tiny_writes_all_tables_and_resumes(bench, tmp_path, monkeypatc
     assert doc["status"] == "complete" and doc["budget"] == "tiny"
     assert 0 <= doc["teachers"]["convnet_bn"]["test_acc"] <= 1
     rows = doc["rows"]
-    comp = {(r["method"], r["protocol"]) for r in rows if r["table"] == "comparison"}
-    assert comp == {("sre2l", "kd"), ("rded", "kd"), ("nrrdd", "kd"), ("edf", "kd"), ("edf", "edf"),
-                    ("random", "kd")}
+    for ipc in (1, 2):  # the budget's IPC and its one-seed extra IPC
+        comp = {(r["method"], r["protocol"]) for r in rows if r["table"] == "comparison" and r["ipc"] == ipc}
+        assert comp == {("sre2l", "kd"), ("rded", "kd"), ("nrrdd", "kd"), ("edf", "kd"), ("edf", "edf"),
+                        ("random", "kd")}
+    edf2 = next(r for r in rows if r["table"] == "comparison" and r["ipc"] == 2 and r["method"] == "edf")
+    assert edf2["method_budget"]["cpd_alpha"] == 0.5  # the per-IPC override
     for r in rows:
         assert r["n"] == len(r["accs"]) >= 1 and all(0 <= a <= 100 for a in r["accs"])
     labels = {r["label_mode"]: r for r in rows if r["table"] == "labels"}
