@@ -12,6 +12,8 @@ from studio import jobs, runners, settings, widgets
 from studio import keys as K
 
 PX = 64
+#: Seconds between two redraws of the loss chart during a run.
+CHART_INTERVAL = 2.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
                  "matching + CPD + DAE)"}
@@ -60,7 +62,7 @@ c = st.columns([2, 1])
 method = c[0].selectbox("Method", methods, key=K.METHOD, format_func=lambda m: METHOD_LABELS.get(
     m, m), disabled=running, persist_state="session")
 every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
-                    help="The images are redrawn at most 5 times a second anyway.",
+                    help="The page polls about 3 times a second; the images change at most that often.",
                     persist_state="session")
 fields = get_method(method).Config.describe()
 with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the SPEC",
@@ -145,22 +147,30 @@ def render(j: jobs.Job | None) -> None:
     for title, png, width in image_rows(j, v):
         st.caption(title)
         st.image(png, width=width, output_format="PNG")
+    fig = loss_figure(j, hist)
+    if fig is not None:
+        st.plotly_chart(fig, key=K.LOSS_CHART)
 
 
-def render_curves(j: jobs.Job | None) -> None:
-    """The loss terms of the current phase (redrawn once a second: a plotly chart costs the
-    browser far more than the images)."""
-    hist = j.view()["history"] if j is not None else []
+def loss_figure(j: jobs.Job, hist: list[dict]):
+    """The loss terms of the current phase, rebuilt at most once per
+    :data:`CHART_INTERVAL` s while the job runs (a changed chart costs the browser a replot,
+    far more than the images; an unchanged one is sent again as is)."""
+    cached = st.session_state.get(K.LOSS_FIG)
+    if cached is not None and cached[0] == j.id and (
+            time.monotonic() - cached[1] < CHART_INTERVAL and j.active):
+        return cached[2]
+    fig = None
     if hist:
         phase = [r for r in hist if r["phase"] == hist[-1]["phase"]]
         phase = phase[::max(1, len(phase) // 400)]
-        st.plotly_chart(widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
-            "step", "phase", "seconds")], title=f"Loss terms ({hist[-1]['phase']})", log_y=True),
-            key=K.LOSS_CHART)
+        fig = widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
+            "step", "phase", "seconds")], title=f"Loss terms ({hist[-1]['phase']})", log_y=True)
+    st.session_state[K.LOSS_FIG] = (j.id, time.monotonic(), fig)
+    return fig
 
 
-widgets.live(job.id if job else None, render, interval=0.2)
-widgets.live(job.id if job else None, render_curves, interval=1.0)
+widgets.live(job.id if job else None, render, interval=0.3)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:

@@ -33,6 +33,7 @@ JOB_PARAM = "job"              # URL parameter: id of the job shown by the Refin
 TEACHER_JOB = "teacher_job"    # id of this session's teacher-training job
 REFINE_JOB = "refine_job"      # id of this session's refinement job
 REFINE_ROWS = "refine_rows"    # (job id, frame count) and that frame's image rows as PNG
+LOSS_FIG = "loss_fig"           # (job id, time built, plotly figure) of the live loss chart
 COMPARE_JOB = "compare_job"    # id of this session's Compare job
 EVAL_JOB = "eval_job"          # id of this session's evaluation job
 OPEN_RUN = "open_run"          # path of a saved run to show in Refine (set by the Runs page)

@@ -144,6 +144,7 @@ def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
     assert any("Current images" in c.value for c in at.caption)
     assert len(at.image) == 4  # one mosaic each: current, initial, mask, change since the start
+    assert len(at.get("plotly_chart")) == 1  # the loss terms
     at.button(key="save_run").click().run()
     assert at.success, [e.value for e in at.error]
     assert len(list((tmp_path / "runs").iterdir())) == 1
