@@ -62,7 +62,8 @@ c = st.columns([2, 1])
 method = c[0].selectbox("Method", methods, key=K.METHOD, format_func=lambda m: METHOD_LABELS.get(
     m, m), disabled=running, persist_state="session")
 every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
-                    help="The page polls about 3 times a second; the images change at most that often.",
+                    help="The page polls about 3 times a second; the images change at most "
+                         "that often.",
                     persist_state="session")
 fields = get_method(method).Config.describe()
 with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the SPEC",
