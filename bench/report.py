@@ -164,6 +164,10 @@ def ui_markdown(doc: dict) -> str:
              f"{st['median']:.2f} s (median of {len(st['runs'])}; server ready after "
              f"{statistics.median(st['server_ready_s']):.2f} s)", "<= 5 s",
              "yes" if st["median"] <= 5 else "no"],
+            *([["the same with plain `streamlit run app.py` (no warm-up)",
+                f"{doc['start_to_explorer_plain_s']['median']:.2f} s (median of "
+                f"{len(doc['start_to_explorer_plain_s']['runs'])})", "-", "-"]]
+              if doc.get("start_to_explorer_plain_s") else []),
             ["explorer redraw after a tau change, 40 images", f"{tau['median']:.2f} s (median of "
              f"{len(tau['runs'])})", "<= 0.5 s", "yes" if tau["median"] <= 0.5 else "no"],
             ["UI updates during live NRR-DD refinement", f"{live['updates_per_s']:.1f} per s over "

@@ -2,8 +2,10 @@
 
 Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 classes):
 
-1. seconds from starting ``streamlit run`` to the Grad-CAM explorer showing its CAM grid
-   (target <= 5 s on 2 cores); the dataset's disk cache is warmed first (one-time generation);
+1. seconds from starting the server as ``make run`` does (``python -m studio``) to the Grad-CAM
+   explorer showing its CAM grid, the browser already open (target <= 5 s on 2 cores); also with
+   plain ``streamlit run app.py`` (no warm-up) for comparison; the dataset's disk cache is warmed
+   first (one-time generation);
 2. UI updates per second during live NRR-DD refinement: distinct values of the first live image
    per second over a window in the refinement phase (target >= 2);
 3. seconds from a tau key press to the explorer's 40 images redrawn (target <= 0.5 s), median
@@ -37,11 +39,11 @@ CAM_GRID_READY = """() => {
 }"""
 
 
-def time_to_explorer(query: str, env: dict | None = None) -> dict:
+def time_to_explorer(query: str, env: dict | None = None, plain: bool = False) -> dict:
     """Seconds from starting the server to the explorer's CAM grid, with the browser already
     open (its own launch is not the app's start-up); also when the server answered its health
     check."""
-    with shots.browser() as page, shots.serve(env) as (base, t0):
+    with shots.browser() as page, shots.serve(env, plain=plain) as (base, t0):
         health = time.perf_counter() - t0
         page.goto(f"{base}/explorer{'?' + query if query else ''}")
         page.wait_for_function(CAM_GRID_READY, timeout=120_000)
@@ -107,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presses", type=int, default=6, help="tau key presses timed")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--tiny", action="store_true", help="smoke setting for tests")
+    ap.add_argument("--plain-starts", type=int, default=3,
+                    help="server starts also timed with plain `streamlit run app.py` (no warm-up)")
     args = ap.parse_args(argv)
     env, iterations = None, None
     if args.tiny:
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="nrrdd_ui_speed_"))
         env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp / "runs")}
         args.starts, args.presses, args.window, iterations = 1, 2, 2.0, 3000
+        args.plain_starts = 0
 
     from nrrdd_core.data import load_dataset
     load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
@@ -130,6 +135,12 @@ def main(argv=None) -> int:
     report("start_to_explorer_s", {"runs": [s["total_s"] for s in starts],
                                    "server_ready_s": [s["server_ready_s"] for s in starts],
                                    "median": statistics.median(s["total_s"] for s in starts)})
+    if args.plain_starts:
+        plain = [time_to_explorer(args.query, env, plain=True) for _ in range(args.plain_starts)]
+        report("start_to_explorer_plain_s", {
+            "runs": [s["total_s"] for s in plain],
+            "server_ready_s": [s["server_ready_s"] for s in plain],
+            "median": statistics.median(s["total_s"] for s in plain)})
     with shots.browser() as page, shots.serve(env) as (base, _):
         page.goto(f"{base}/explorer{'?' + args.query if args.query else ''}")
         page.wait_for_function(CAM_GRID_READY, timeout=120_000)

@@ -37,12 +37,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(env: dict | None = None, port: int | None = None, timeout: float = 60.0):
+def serve(env: dict | None = None, port: int | None = None, timeout: float = 60.0,
+          plain: bool = False):
     """Start the app as ``make run`` does (``python -m studio``: ``streamlit run app.py`` with a
     start-up warm-up) on a free localhost port; yield ``(base_url, started_at)``
-    (``time.perf_counter()`` just before the process starts); stop it afterwards."""
+    (``time.perf_counter()`` just before the process starts); stop it afterwards. ``plain``:
+    ``streamlit run app.py`` without the warm-up."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "studio",
+    app = ("streamlit", "run", str(REPO / "app.py")) if plain else ("studio",)
+    cmd = [sys.executable, "-m", *app,
            "--server.headless", "true", "--server.address", "127.0.0.1",
            "--server.port", str(port), "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
