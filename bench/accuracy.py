@@ -13,7 +13,8 @@ Every unit (teacher, expert buffer, distilled set, evaluation) is cached under `
 (``$NRRDD_BENCH_CACHE``) keyed by its full config, and the results JSON is rewritten after every
 unit, so an interrupted run continues where it stopped and ``--report`` can render a partial run.
 
-    .venv/bin/python bench/accuracy.py --budget cpu            # ~1 h on 2 quiet CPU cores
+    .venv/bin/python bench/accuracy.py --budget cpu            # ~80 min on 2 quiet CPU cores
+    .venv/bin/python bench/accuracy.py --budget cpu --no-extra-ipcs  # ~55 min: IPC 10 only
     .venv/bin/python bench/accuracy.py --budget paper --device cuda
     .venv/bin/python bench/accuracy.py --report                # docs/RESULTS.md from the JSON
     .venv/bin/python bench/accuracy.py --tiny --out /tmp/a.json  # seconds, for tests
@@ -430,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="recompute every unit")
     ap.add_argument("--report", action="store_true",
                     help="only regenerate docs/RESULTS.md from bench/results/*.json")
+    ap.add_argument("--no-extra-ipcs", action="store_true",
+                    help="skip the budget's one-seed extra IPCs (cpu: IPC 1 and 50, ~24 min)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     common.setup_logging(args.verbose)
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = BUDGETS["tiny" if args.tiny else args.budget]
+    if args.no_extra_ipcs:
+        budget = dataclasses.replace(budget, more_ipcs=())
     out = args.out or common.RESULTS_DIR / f"accuracy_{budget.name}.json"
     bench = Bench(budget, args.device, out, argv, cache=not args.no_cache)
     bench.run()

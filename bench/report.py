@@ -53,11 +53,12 @@ def compute_seconds(doc: dict) -> float:
 
 def accuracy_markdown(doc: dict) -> str:
     """The accuracy tables of one ``accuracy_<budget>.json`` document."""
-    cmd = _cmd(doc)
+    cmd = f"{_cmd(doc)} on {doc['machine']['device']}"  # each row says how and where it was made
     out = [f"### Budget `{doc['budget']}` ({doc['status']})", "",
-           f"Command: {cmd}. Machine: {_machine(doc['machine'])}. Wall time so far: "
-           f"{doc.get('elapsed_s', 0) / 60:.0f} min (cached units excluded); compute of all its units "
-           f"(a run from an empty cache): {compute_seconds(doc) / 60:.0f} min.", "", doc.get("note", ""), ""]
+           f"Command: {_cmd(doc)}. Machine: {_machine(doc['machine'])}. Wall time of the "
+           f"last invocation: {doc.get('elapsed_s', 0) / 60:.0f} min (units found in the cache cost "
+           f"nothing); compute of all its units as measured (a run from an empty cache): "
+           f"{compute_seconds(doc) / 60:.0f} min.", "", doc.get("note", ""), ""]
     if doc.get("budget_gap") and doc["budget"] != "paper":
         out += ["How far this budget is below the published one:", "",
                 common.md_table(["item", "this budget", "published", "published / this"],
@@ -81,7 +82,7 @@ def accuracy_markdown(doc: dict) -> str:
         out += ["**Comparison** (same teacher, classes and seeds; distillation seed s evaluated with "
                 "student seed s; top-1 % on the 10,000 JPEG test images, mean ± sample std over seeds):", "",
                 common.md_table(
-                    ["command", "teacher", "IPC", "method", "budget", "protocol / student",
+                    ["command, device", "teacher", "IPC", "method", "budget", "protocol / student",
                      "student epochs", "top-1 % (ours)", "per seed", "distill s", "published (SPEC 5)"],
                     [[cmd, r["teacher"], r["ipc"], r["method"],
                       ", ".join(f"{k} {v}" for k, v in r.get("method_budget", {}).items()) or "-",
@@ -92,7 +93,7 @@ def accuracy_markdown(doc: dict) -> str:
     if tau:
         out += ["**NRR-DD threshold and mask mode** (KD protocol, one seed; published column: "
                 "ImageNette IPC 10, ResNet-18, NRR-DD paper):", "",
-                common.md_table(["command", "teacher", "IPC", "tau", "mask", "student epochs", "top-1 %",
+                common.md_table(["command, device", "teacher", "IPC", "tau", "mask", "student epochs", "top-1 %",
                                  "published"],
                                 [[cmd, r["teacher"], r["ipc"], r["tau"], r["mask_mode"], r["eval_epochs"],
                                   _pm(r), r.get("published") or "-"] for r in tau]), ""]
@@ -101,7 +102,7 @@ def accuracy_markdown(doc: dict) -> str:
         out += ["**NRR-DD labels** (KD protocol, one seed; bytes of the label files actually written "
                 "for all student epochs; crop/mix parameters, needed by soft and DBR replay alike, "
                 "counted apart; paper arithmetic N x epochs x C or x 2 values in fp16):", "",
-                common.md_table(["command", "teacher", "IPC", "labels", "student epochs", "top-1 %",
+                common.md_table(["command, device", "teacher", "IPC", "labels", "student epochs", "top-1 %",
                                  "label bytes", "aug-param bytes", "paper arithmetic bytes"],
                                 [[cmd, r["teacher"], r["ipc"], r["label_mode"], r["eval_epochs"], _pm(r),
                                   r["label_bytes"], r["aug_param_bytes"], r.get("paper_bytes") or "-"]
@@ -109,7 +110,7 @@ def accuracy_markdown(doc: dict) -> str:
     grid = [r for r in rows if r["table"] == "edf_grid"]
     if grid:
         out += ["**EDF alpha (CPD) x beta (DAE)** (EDF protocol, one seed; alpha = beta = 0 is plain DATM):", "",
-                common.md_table(["command", "teacher (DAE CAM)", "IPC", "iterations", "alpha", "beta",
+                common.md_table(["command, device", "teacher (DAE CAM)", "IPC", "iterations", "alpha", "beta",
                                  "student epochs", "top-1 %"],
                                 [[cmd, r["teacher"], r["ipc"], r["iterations"], r["alpha"], r["beta"],
                                   r["eval_epochs"], _pm(r)] for r in grid]), ""]
@@ -207,4 +208,7 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
             doc = json.loads(p.read_text())
             if doc["budget"] != "tiny":
                 parts.append(accuracy_markdown(doc))
+                notes = p.with_suffix(".notes.md")  # a person's notes on that run, if any
+                if notes.is_file():
+                    parts.append(notes.read_text().strip() + "\n")
     return common.write_text(path, "\n".join(parts).rstrip() + "\n")
