@@ -1,9 +1,9 @@
 """NRR-DD Studio: a browser workbench for dataset distillation.
 
-Run with ``make run`` (``python -m studio``: ``streamlit run app.py`` with a start-up warm-up). The pages live in ``app_pages/``, not
-``pages/``: Streamlit runs a ``pages/`` folder next to the main script in its old multipage mode,
-where a deep link such as ``/explorer`` on a fresh server would run that page without this file
-(no navigation, no setup from the URL). The shared UI code is in ``studio/``; all computation in
+Run with ``make run`` (``python -m studio``: ``streamlit run app.py`` with a start-up warm-up).
+The pages live in ``app_pages/``, not ``pages/``: Streamlit runs a ``pages/`` folder next to the
+main script in its old multipage mode, where a deep link such as ``/explorer`` on a fresh server
+would run that page without this file (no navigation, no setup from the URL). The shared UI code is in ``studio/``; all computation in
 ``nrrdd_core``.
 """
 

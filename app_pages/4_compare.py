@@ -96,8 +96,8 @@ def render(j: jobs.Job | None) -> None:
     st.dataframe(table, hide_index=True, column_config={
         k: st.column_config.NumberColumn(format="%.2f") for k in table.columns if k != "set"})
     st.caption("Teacher accuracy / confidence on the synthetic images; CAM area = share of "
-               "pixels with CAM ≥ 0.5; diversity = mean pairwise distance of the teacher's pooled "
-               "CAM-layer features within a class (across all the set's images at IPC 1; "
+               "pixels with CAM ≥ 0.5; diversity = mean pairwise distance of the teacher's "
+               "pooled CAM-layer features within a class (across all the set's images at IPC 1; "
                "empty for a single image); label storage by the SPEC 3.4 arithmetic.")
     fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
                            text=[f"{a:.1f}" for a in table["student acc %"]]))

@@ -294,3 +294,37 @@ def test_startup_warm_up_loads_the_default_setup(caplog):
     assert seconds > 0
     assert "warm-up stopped" not in caplog.text, caplog.text
     assert "warm-up done" in caplog.text
+
+
+def test_make_run_starts_without_a_terminal(tmp_path):
+    """``make run``'s command (``python -m studio``, config from .streamlit/config.toml, headless
+    off) on a fresh account (no ~/.streamlit) with no stdin: it must serve, not wait for
+    Streamlit's first-run email prompt."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(APP).parent
+    env = {**os.environ, "HOME": str(tmp_path), "BROWSER": "true"}  # no browser opens
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "--server.port", str(port)], cwd=repo,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    health = f"http://127.0.0.1:{port}/_stcore/health"
+    try:
+        end = time.time() + 60
+        while time.time() < end and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(health, timeout=1) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+    finally:
+        proc.terminate()
+        proc.wait(10)
