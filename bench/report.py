@@ -145,8 +145,9 @@ def _fn(name: str) -> str:
 
 HEADER = """# Benchmark results
 
-Measured by the project's own scripts (`bench/speed.py`, `bench/accuracy.py`); this file is
-generated from `bench/results/*.json` by `python bench/accuracy.py --report`.
+Measured by the project's own scripts (`bench/speed.py`, `bench/ui_speed.py`,
+`bench/accuracy.py`); this file is generated from `bench/results/*.json` (and the hand-written
+`*.notes.md` beside them) by `python bench/accuracy.py --report`.
 
 **Data.** CIFAR-10 from `../shared/data`: 20,000 training images (2,000 per class, a
 class-balanced subset of the 50,000) and the full 10,000-image test set, both decoded from a JPEG
