@@ -22,6 +22,7 @@ from nrrdd_core.data import DatasetBundle, load_dataset
 from nrrdd_core.device import resolve_device
 from nrrdd_core.models.teacher import Teacher
 
+from . import warm
 from .setup import DEFAULT_CLASS_CAP, Setup, current
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 #: Serialises forward/backward hooks on the shared teachers (CAMs of two sessions at once).
 TEACHER_LOCK = threading.Lock()
 
-#: Modules the pages after Setup import (seconds on a busy machine), imported by :func:`prewarm`.
-HEAVY_MODULES = ("nrrdd_core.cam", "nrrdd_core.methods", "nrrdd_core.export",
-                 "nrrdd_core.evaluate", "pandas", "plotly.express", "plotly.graph_objects")
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
@@ -68,14 +66,15 @@ def teacher(teacher_key: tuple) -> Teacher:
 
 @st.cache_resource(show_spinner=False)
 def prewarm(_data_key: tuple) -> threading.Thread:
-    """Once per process: a daemon thread that imports :data:`HEAVY_MODULES` and reads the first
+    """Once per process: a daemon thread that imports the modules of the pages
+    (:data:`studio.warm.FIRST` and :data:`studio.warm.LATER`) and reads the first
     session's dataset (``load_dataset`` keeps the built-in one in memory; other entries warm the
     disk cache) while the first page renders. It calls no ``st.*`` (it has no script context); a
     failure is only logged: the page that needs the data shows the error."""
 
     def work() -> None:
         try:
-            for name in HEAVY_MODULES:
+            for name in (*warm.FIRST, *warm.LATER):
                 importlib.import_module(name)
             name, kwargs = _data_key
             load_dataset(name, **dict(kwargs))

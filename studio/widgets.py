@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -124,10 +125,10 @@ def mosaic_layout(labels: list[int], class_names: list[str], max_cols: int = 10)
     """Columns of a :func:`mosaic` of images grouped by class (``labels`` in class order) and a
     caption naming where each class is: one row per class when a class has several images,
     else the classes left to right (wrapping every ``max_cols``)."""
-    order = list(dict.fromkeys(labels))
-    per = max(labels.count(c) for c in order) if labels else 1
-    names = ", ".join(class_names[c] for c in order)
-    if per > 1 and all(labels.count(c) == per for c in order):
+    counts = Counter(labels)  # in first-seen (class) order
+    per = max(counts.values(), default=1)
+    names = ", ".join(class_names[c] for c in counts)
+    if per > 1 and all(n == per for n in counts.values()):
         return per, f"one row per class, top to bottom: {names}"
     cols = min(len(labels), max_cols)
     if per > 1:
@@ -227,8 +228,8 @@ def job_status(view: dict, unit: str = "steps") -> None:
 def curves(history: list[dict], x: str, ys: list[str] | None = None, title: str = "",
            yaxis: str = "", log_y: bool = False) -> go.Figure:
     """A plotly line chart of ``history`` rows (dicts) with one line per numeric key."""
-    # plotly's validators look pandas up in sys.modules: while the prewarm thread is importing
-    # it they find a half-initialised module and fail. A real import waits for it to finish.
+    # plotly's validators look pandas up in sys.modules: while a warm-up thread is importing it
+    # they find a half-initialised module and fail. A real import waits for it to finish.
     import pandas  # noqa: F401
     ys = ys or sorted({k for r in history for k, v in r.items()
                        if k != x and isinstance(v, (int, float)) and not isinstance(v, bool)})
