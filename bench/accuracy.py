@@ -313,7 +313,7 @@ class Bench:
             edf_own, dsec = [], {m: [] for m in METHODS}
             for seed in seeds or b.seeds:
                 for m in METHODS:
-                    d = self.distill(m, tname, ipc, seed, b.ipc_methods.get(ipc, {}).get(m))
+                    d = self.distill(m, tname, ipc, seed, self.ipc_overrides(ipc, m))
                     dsec[m].append(d["seconds"])
                     kd[m].append(self.evaluate(d, tname, seed, b.eval_epochs, ipc=ipc))
                     self._comparison_row(tname, ipc, m, "kd", kd[m], dsec[m])
@@ -323,13 +323,17 @@ class Bench:
                 kd["random"].append(self.evaluate(None, tname, seed, b.eval_epochs, ipc=ipc))
                 self._comparison_row(tname, ipc, "random", "kd", kd["random"], [])
 
+    def ipc_overrides(self, ipc: int, method: str) -> dict:
+        """The budget's per-IPC config overrides of ``method`` (e.g. EDF's CPD alpha)."""
+        return self.b.ipc_methods.get(ipc, {}).get(method, {})
+
     def _comparison_row(self, tname, ipc, method, protocol, rows, dsec) -> None:
         epochs = self.b.eval_epochs if protocol == "kd" else self.b.edf_eval_epochs
         self.add_row("comparison", rows, teacher=tname, ipc=ipc, method=method, protocol=protocol,
                      student="convnet_bn" if protocol == "kd" else "convnet_in (EDF protocol)",
                      eval_epochs=epochs, distill_seconds=dsec,
                      method_budget={} if method == "random" else _budget_fields(
-                         method, {**self.b.methods[method], **self.b.ipc_methods.get(ipc, {}).get(method, {})}),
+                         method, {**self.b.methods[method], **self.ipc_overrides(ipc, method)}),
                      published=published(method, ipc) if method != "random" else "-")
 
     def ablations(self, tname: str) -> None:
@@ -408,7 +412,7 @@ def _same_row(a: dict, b: dict) -> bool:
 
 def _budget_fields(method: str, overrides: dict) -> dict:
     """The budget-relevant fields of a method's config (defaults filled in)."""
-    cfg = get_method(method).Config.from_dict({k: v for k, v in overrides.items()}).to_dict()
+    cfg = get_method(method).Config.from_dict(overrides).to_dict()
     keep = {"sre2l": ("iterations",), "rded": ("mipc", "num_crops"), "nrrdd": ("mipc", "iterations", "tau"),
             "edf": ("iterations", "syn_steps", "batch_syn", "cpd_alpha", "dae_beta")}[method]
     return {k: cfg[k] for k in keep}

@@ -79,10 +79,7 @@ def live_rate(page, window: float, iterations: int | None = None) -> dict:
     """Distinct live images per second over ``window`` seconds of the refinement phase."""
     shots.goto_page(page, "Refine live")
     if iterations is not None:
-        box = page.locator('[data-testid="stNumberInput"]').filter(has_text="iterations").first
-        box.locator("input").fill(str(iterations))
-        box.locator("input").press("Enter")
-        shots.idle(page)
+        shots.set_number(page, "iterations", iterations)
     page.get_by_role("button", name="Start refinement").click()
     page.locator('[data-testid="stMetric"]').filter(has_text="Phase").filter(
         has_text="refine").wait_for(timeout=900_000)  # after CIDD (60 steps at the defaults)

@@ -118,6 +118,14 @@ def slider(page, label: str):
     return page.locator('[data-testid="stSlider"]').filter(has_text=label).get_by_role("slider")
 
 
+def set_number(page, label: str, value) -> None:
+    """Type ``value`` into the first number input whose label contains ``label``, then wait."""
+    box = page.locator('[data-testid="stNumberInput"]').filter(has_text=label).first
+    box.locator("input").fill(str(value))
+    box.locator("input").press("Enter")
+    idle(page)
+
+
 def metric_value(page, label: str) -> str:
     m = page.locator('[data-testid="stMetric"]').filter(has_text=label)
     return m.locator('[data-testid="stMetricValue"]').inner_text()
@@ -208,10 +216,7 @@ def walk(page, base: str, query: str = "", shots: Path | None = None,
 
     goto_page(page, "Refine live")
     if iterations is not None:
-        box = page.locator('[data-testid="stNumberInput"]').filter(has_text="iterations").first
-        box.locator("input").fill(str(iterations))
-        box.locator("input").press("Enter")
-        idle(page)
+        set_number(page, "iterations", iterations)
     page.get_by_role("button", name="Start refinement").click()
     out["live"] = watch_live_image(page, changes=2)
     page.get_by_role("button", name="Stop run").click()
