@@ -220,7 +220,7 @@ if teacher_ok:
     x01 = bundle.train.float01(list(idx))
     widgets.image_grid([overlay(x01[i], cams[i], 0.5, "jet") for i in range(len(idx))],
                        [cfg.class_names[c] for c in class_ids], px=96)
-    st.caption("Class activation map (CAM, SPEC 3.1) of the teacher for the true class of one "
+    st.caption("Class activation map (CAM, METHODS.md §4.1) of the teacher for the true class of one "
                "training image per class in use: red = the critical region the teacher looks "
                "at. The Grad-CAM explorer shows many more, with the tau threshold.")
 

@@ -81,7 +81,7 @@ def grid() -> None:
     """tau slider, metrics and the grid: a tau change re-thresholds the cached maps here only."""
     tau = st.slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
                     bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
-                    "NRR-DD); the rest is non-critical and refined (SPEC 3.3, paper default 0.5).")
+                    "NRR-DD); the rest is non-critical and refined (METHODS.md §4.3, paper default 0.5).")
     noncrit = (cams < tau).mean((1, 2))
     m = st.columns(3)
     m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %", help="Share of pixels "
@@ -111,7 +111,7 @@ import pandas as pd  # noqa: E402 - after the grid: a first visit shows the CAMs
 import plotly.express as px  # noqa: E402
 
 st.subheader("Class complexity")
-st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (SPEC 6); a "
+st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (METHODS.md §7); a "
            f"class's score is the mean over its images (first {sample_n} per class).")
 sample = cache.pool_indices(s.data_key, tuple(ctx.classes), sample_n)
 sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()), teacher, bundle)

@@ -66,7 +66,7 @@ every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
                          "that often.",
                     persist_state="session")
 fields = get_method(method).Config.describe()
-with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the SPEC",
+with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the papers",
                  expanded=job is None):
     values = widgets.config_knobs(method, fields, settings.method_overrides(fields),
                                   disabled=running)

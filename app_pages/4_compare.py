@@ -20,7 +20,7 @@ LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "N
 
 st.title("Compare")
 ctx = widgets.require_context()
-st.write("Distil the chosen classes with every method (SPEC defaults, the same teacher and "
+st.write("Distil the chosen classes with every method (published defaults, the same teacher and "
          "seed) and put them beside a random real subset of the same size: the baseline every "
          "distilled set must beat.")
 
@@ -37,7 +37,7 @@ b = c[2].container(horizontal=True)
 if K.COMPARE_EPOCHS not in st.session_state:
     st.session_state[K.COMPARE_EPOCHS] = 1 if settings.tiny() else 10
 epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE_EPOCHS,
-                           help="SPEC 0.4 trains 300 epochs; a few give a quick ranking.",
+                           help="METHODS.md §1.4 trains 300 epochs; a few give a quick ranking.",
                            persist_state="session")
 recompute = c[1].toggle("Recompute", key=K.COMPARE_RECOMPUTE,
                         help="Off: reuse results of the same setup computed earlier.")
@@ -54,7 +54,7 @@ if b.button("Run comparison", key=K.COMPARE_START, type="primary", disabled=runn
     st.rerun()
 b.button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
-st.caption(f"Student: {EvalConfig().student}, soft labels, CutMix (SPEC 0.4) · "
+st.caption(f"Student: {EvalConfig().student}, soft labels, CutMix (METHODS.md §1.4) · "
            f"{len(ctx.classes)} class{'es' if len(ctx.classes) > 1 else ''} × IPC {ctx.setup.ipc}")
 
 
@@ -98,7 +98,7 @@ def render(j: jobs.Job | None) -> None:
     st.caption("Teacher accuracy / confidence on the synthetic images; CAM area = share of "
                "pixels with CAM ≥ 0.5; diversity = mean pairwise distance of the teacher's "
                "pooled CAM-layer features within a class (across all the set's images at IPC 1; "
-               "empty for a single image); label storage by the SPEC 3.4 arithmetic.")
+               "empty for a single image); label storage by the METHODS.md §4.4 arithmetic.")
     fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
                            text=[f"{a:.1f}" for a in table["student acc %"]]))
     fig.update_layout(height=300, yaxis_title="student top-1 %",

@@ -12,7 +12,7 @@ from studio import keys as K
 PERSIST = {"persist_state": "session"}
 LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances (2 numbers "
                "per image)", "hard": "hard one-hot labels"}
-PROTOCOL_NAMES = {"kd": "KD (SPEC 0.4)", "edf": "EDF (SPEC 4.6)"}
+PROTOCOL_NAMES = {"kd": "KD (METHODS.md §1.4)", "edf": "EDF (METHODS.md §5.6)"}
 PROTOCOLS = {"kd": f"{PROTOCOL_NAMES['kd']}: student distilled from the teacher's labels",
              "edf": f"{PROTOCOL_NAMES['edf']}: ConvNet-IN on the run's learned labels and lr"}
 try:
@@ -30,8 +30,8 @@ def has_edf_extras(manifest: dict) -> bool:
 st.title("Evaluate")
 ctx = widgets.require_context()
 st.write("Train a fresh student on each chosen distilled set and test it on the real test split: "
-         "with the KD protocol of SPEC 0.4, or for EDF runs also with EDF's own protocol (SPEC "
-         "4.6). Results are stored in each run's folder.")
+         "with the KD protocol of RDED (docs/METHODS.md §1.4), or for EDF runs also with EDF's own "
+         "protocol (docs/METHODS.md §5.6). Results are stored in each run's folder.")
 
 infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("created", ""))
 runs = {r.name: str(r.path) for r in infos}
@@ -71,8 +71,8 @@ label_mode = c[1].radio("Labels", list(LABEL_MODES), key=K.EVAL_LABELS, disabled
 if K.EVAL_EPOCHS not in st.session_state:
     st.session_state[K.EVAL_EPOCHS] = 1 if settings.tiny() else 30
 epochs = c[2].number_input("Epochs", 1, 5000, key=K.EVAL_EPOCHS, disabled=running,
-                           help="The published figures use 300 epochs (KD, SPEC 0.4) or 1000 "
-                                "(EDF, SPEC 4.6); fewer give a lower but quick estimate.",
+                           help="The published figures use 300 epochs (KD, METHODS.md §1.4) or 1000 "
+                                "(EDF, METHODS.md §5.6); fewer give a lower but quick estimate.",
                            **PERSIST)
 b = st.container(horizontal=True)
 if b.button("Start evaluation", key=K.EVAL_START, type="primary",
@@ -112,10 +112,10 @@ def render(j: jobs.Job | None) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
             "final_acc": st.column_config.NumberColumn("final top-1 %", format="%.2f"),
             "best_acc": st.column_config.NumberColumn("best top-1 %", format="%.2f"),
-            "published": st.column_config.NumberColumn("published % (SPEC 5)", format="%.1f"),
+            "published": st.column_config.NumberColumn("published % (METHODS.md §6)", format="%.1f"),
             "seconds": st.column_config.NumberColumn("time s", format="%.1f")})
         st.caption("The published figure appears where the setting (method, dataset, IPC, "
-                   f"student family, all classes) matches SPEC section 5; settings: "
+                   f"student family, all classes) matches METHODS.md §6; settings: "
                    f"{v['params']}.")
 
 

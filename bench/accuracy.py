@@ -3,9 +3,9 @@
 On ../shared/data CIFAR-10 (20,000 JPEG-decoded training images, the full 10,000-image JPEG test
 set): train the ConvNet-BN-3 teacher with ``train_teacher`` (the squeeze step); distil IPC 10 with
 SRe2L, RDED, NRR-DD and EDF from that teacher with the same seeds and classes (IPC 1 and 50 too,
-one seed, on the CPU budget; EDF's CPD alpha per IPC as in SPEC 4.4); evaluate every set
-with the same student (ConvNet-BN) and the KD protocol (SPEC 0.4), EDF also with its own protocol
-(SPEC 4.6); the random real subset as baseline; then ablations at a small budget (NRR-DD tau and
+one seed, on the CPU budget; EDF's CPD alpha per IPC as in METHODS.md §5.4); evaluate every set
+with the same student (ConvNet-BN) and the KD protocol (METHODS.md §1.4), EDF also with its own protocol
+(METHODS.md §5.6); the random real subset as baseline; then ablations at a small budget (NRR-DD tau and
 mask mode, soft / DBR / hard labels with their label bytes, EDF alpha x beta); finally the whole
 comparison again with the pretrained ResNet-20 (akamaster) as teacher.
 
@@ -62,7 +62,7 @@ class Budget:
     experts: dict                     # ExpertConfig overrides (EDF)
     eval_epochs: int                  # KD protocol
     edf_eval_epochs: int              # EDF protocol
-    final_only: bool                  # test only after the last epoch (else SPEC 0.4 schedule)
+    final_only: bool                  # test only after the last epoch (else METHODS.md §1.4 schedule)
     ablation_ipc: int
     ablation_eval_epochs: int
     taus: tuple[float, ...]
@@ -72,7 +72,7 @@ class Budget:
     betas: tuple[float, ...]
     ablation_methods: dict = field(default_factory=dict)  # overrides on top of ``methods``
     more_ipcs: tuple[int, ...] = ()   # also these IPCs, first seed and first teacher only
-    ipc_methods: dict = field(default_factory=dict)  # ipc -> method -> overrides (SPEC per-IPC values)
+    ipc_methods: dict = field(default_factory=dict)  # ipc -> method -> overrides (per-IPC values of the official code)
     student_width: int = 0
     note: str = ""
 
@@ -80,7 +80,7 @@ class Budget:
 EDF_CPU = {"iterations": 40, "syn_steps": 5, "batch_syn": 20, "expert_epochs": 2,
            "min_start_epoch": 0, "current_max_start_epoch": 2, "max_start_epoch": 6,
            "expansion_iterations": 20, "cpd_alpha": 0.25, "dae_beta": 1.0, "dae_interval": 10}
-#: SPEC 4.4 [code]: the CPD fraction alpha depends on the IPC (0.25 at IPC 10 is in the configs).
+#: METHODS.md §5.4 [code]: the CPD fraction alpha depends on the IPC (0.25 at IPC 10 is in the configs).
 EDF_ALPHA_BY_IPC = {1: {"edf": {"cpd_alpha": 0.0}}, 50: {"edf": {"cpd_alpha": 0.375}}}
 BUDGETS = {
     "cpu": Budget(
@@ -117,7 +117,7 @@ BUDGETS = {
         ablation_ipc=10, ablation_eval_epochs=300, ipc_methods=EDF_ALPHA_BY_IPC,
         taus=(0.1, 0.3, 0.5, 0.7, 0.9), mask_modes=("soft", "binary", "scaled"),
         label_modes=("soft", "dbr", "hard"), alphas=(0.0, 0.25, 0.5), betas=(0.0, 1.0, 2.0),
-        note="Published budgets (SPEC 0.1, 0.4, 1-4): teacher 200 epochs, SRe2L 1000 iterations, "
+        note="Published budgets (METHODS.md §1.1, 0.4, 1-4): teacher 200 epochs, SRe2L 1000 iterations, "
              "NRR-DD 2000, EDF 5000 iterations with syn_steps 80 on 100 experts x 50 epochs, "
              "students 300 (KD) / 1000 (EDF) epochs."),
     "tiny": Budget(
@@ -136,14 +136,14 @@ BUDGETS = {
         note="tiny smoke setting on the built-in shapes dataset (numbers mean nothing)"),
 }
 
-#: SPEC section 5, CIFAR-10 rows: (method, ipc) -> [(student, top-1 %)]
+#: METHODS.md §6, CIFAR-10 rows: (method, ipc) -> [(student, top-1 %)]
 PUBLISHED = {("sre2l", 10): [("ResNet-18", 29.3)], ("rded", 10): [("ConvNet", 50.2), ("ResNet-18", 37.1)],
              ("rded", 50): [("ResNet-18", 62.1)], ("nrrdd", 10): [("ConvNet", 66.7), ("ResNet-18", 72.2)],
              ("edf", 50): [("ConvNet", 77.3)]}
 
 
 def published(method: str, ipc: int) -> str:
-    """The SPEC 5 figure(s) for CIFAR-10 at this IPC, student named; ConvNet matches ours."""
+    """The METHODS.md §6 figure(s) for CIFAR-10 at this IPC, student named; ConvNet matches ours."""
     figs = PUBLISHED.get((method, ipc), [])
     return "; ".join(f"{a} ({s}{'' if s == 'ConvNet' else ', other student'})" for s, a in figs) or "-"
 

@@ -83,7 +83,7 @@ def accuracy_markdown(doc: dict) -> str:
                 "student seed s; top-1 % on the 10,000 JPEG test images, mean ± sample std over seeds):", "",
                 common.md_table(
                     ["command, device", "teacher", "IPC", "method", "budget", "protocol / student",
-                     "student epochs", "top-1 % (ours)", "per seed", "distill s", "published (SPEC 5)"],
+                     "student epochs", "top-1 % (ours)", "per seed", "distill s", "published (METHODS.md §6)"],
                     [[cmd, r["teacher"], r["ipc"], r["method"],
                       ", ".join(f"{k} {v}" for k, v in r.get("method_budget", {}).items()) or "-",
                       f"{r['protocol']} / {r['student']}", r["eval_epochs"], _pm(r),
@@ -152,7 +152,7 @@ Measured by the project's own scripts (`bench/speed.py`, `bench/ui_speed.py`,
 **Data.** CIFAR-10 from `../shared/data`: 20,000 training images (2,000 per class, a
 class-balanced subset of the 50,000) and the full 10,000-image test set, both decoded from a JPEG
 copy (quality 75; mean absolute error 5.8/255 against the original pixels). Teachers and students
-are trained and tested within that JPEG domain. The published figures (SPEC section 5) were
+are trained and tested within that JPEG domain. The published figures (METHODS.md §6) were
 obtained on the original 50,000 training images at full budgets, so they are an orientation, not
 a target for the reduced budgets below. The pretrained ResNet-20 was trained on original pixels
 (91.6 % there, about 81 % on the JPEG test set).

@@ -48,7 +48,7 @@ from nrrdd_core.methods.common import pad_center  # noqa: E402
 
 METHODS = ("sre2l", "rded", "nrrdd", "edf")
 SIZES = ("shapes", "cifar10")
-#: the second EDF setting (SPEC 4.7: memory grows with syn_steps x batch_syn)
+#: the second EDF setting (METHODS.md §5.7: memory grows with syn_steps x batch_syn)
 EDF_LONG = {"syn_steps": 20}
 IPC = 10
 

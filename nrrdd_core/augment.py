@@ -5,7 +5,7 @@ drawn on the CPU and applied on ``x``'s device); the global RNG is never consume
 ``(N,3,H,W)`` float tensors in any pixel space (normalised or [0,1]) unless said otherwise, and
 every function except RandAugment is differentiable w.r.t. ``x``.
 
-Sources: SPEC 0.3 (CutMix / Mixup), 0.4 (student augmentation), 1 (SRe2L recover augmentation);
+Sources: METHODS.md §1.3 (CutMix / Mixup), 0.4 (student augmentation), 1 (SRe2L recover augmentation);
 the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params`` and the crop +
 resize is torchvision's tensor ``resized_crop`` (bilinear, antialiased) written with torch alone,
 so importing this module does not import torchvision (seconds); RandAugment imports it on use.
@@ -131,7 +131,7 @@ def random_roll(x: torch.Tensor, generator: torch.Generator, max_roll: int = 4) 
 
 def recover_augment(x: torch.Tensor, image_size: int, generator: torch.Generator,
                     max_roll: int = 4) -> torch.Tensor:
-    """SRe2L's augmentation of the synthetic batch during recovery (SPEC 1).
+    """SRe2L's augmentation of the synthetic batch during recovery (METHODS.md §2).
 
     At ``image_size <= 32``: one random roll by up to ``max_roll`` pixels shared by the batch. At
     larger sizes: one RandomResizedCrop (scale 0.08-1) shared by the batch, resized back to
@@ -156,7 +156,7 @@ def recover_augment(x: torch.Tensor, image_size: int, generator: torch.Generator
 
 def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0
            ) -> tuple[torch.Tensor, torch.Tensor, float, tuple[int, int, int, int]]:
-    """CutMix of a batch with a random permutation of itself (SPEC 0.3, the RDED / SRe2L code).
+    """CutMix of a batch with a random permutation of itself (METHODS.md §1.3, the RDED / SRe2L code).
 
     ``lam ~ Beta(beta, beta)``, partner ``perm = randperm(B)``, box side ratio ``sqrt(1 - lam)`` of
     each side, uniform centre, clipped to the image; the box of image ``b`` is replaced by the same
@@ -189,7 +189,7 @@ def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0
 
 def mixup(x: torch.Tensor, generator: torch.Generator, alpha: float = 0.8
           ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup (SPEC 0.3): ``x_mix = lam x + (1 - lam) x[perm]``, ``lam ~ Beta(alpha, alpha)``.
+    """Mixup (METHODS.md §1.3): ``x_mix = lam x + (1 - lam) x[perm]``, ``lam ~ Beta(alpha, alpha)``.
 
     Returns:
         ``(x_mix, perm, lam)``: ``x_mix`` like ``x`` (differentiable), ``perm`` int64 ``(B,)`` on
@@ -227,7 +227,7 @@ def _randaugment(x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def student_augment(x: torch.Tensor, generator: torch.Generator, factor: int = 1, flip: bool = True,
                     randaugment: bool = False) -> torch.Tensor:
-    """Augmentation of the student's training batch (SPEC 0.4, the RDED protocol).
+    """Augmentation of the student's training batch (METHODS.md §1.4, the RDED protocol).
 
     Per image: RandomResizedCrop with area scale ``(1/factor, 1)`` resized back to the input size,
     a horizontal flip (p = 0.5) when ``flip``, and torchvision RandAugment (2 ops) when

@@ -1,12 +1,12 @@
 """Class activation maps (CAM) and the masks and scores built on them.
 
-* :func:`classic_cam`: CAM of Zhou et al. 2016 (SPEC 3.1, NRR-DD Eq. 1), GAP or flatten classifier.
+* :func:`classic_cam`: CAM of Zhou et al. 2016 (METHODS.md §4.1, NRR-DD Eq. 1), GAP or flatten classifier.
 * :func:`grad_cam`: torch-native batched Grad-CAM that stays on the device (used inside
   optimisation loops: NRR-DD masks, EDF's DAE); equals ``pytorch_grad_cam.GradCAM``.
 * :func:`explore_cam`: every method of :data:`CAM_METHODS` (the grad-cam package's GradCAM,
   GradCAM++, XGradCAM, ScoreCAM, LayerCAM, EigenCAM), side effects contained (for the explorer).
-* :func:`noncritical_mask` (SPEC 3.3 Eq. 4), :func:`dae_weight` (SPEC 4.5),
-  :func:`complexity_score` (SPEC 6), :func:`cam_ratio` (SPEC 3.2), :func:`overlay` (display).
+* :func:`noncritical_mask` (METHODS.md §4.3 Eq. 4), :func:`dae_weight` (METHODS.md §5.5),
+  :func:`complexity_score` (METHODS.md §7), :func:`cam_ratio` (METHODS.md §4.2), :func:`overlay` (display).
 
 Conventions: ``x_norm`` are normalised images ``(N,3,H,W)``; ``targets`` holds one class index per
 image (int64 ``(N,)``; a single index for a whole batch is refused); CAM maps are ``(N,H,W)``
@@ -136,7 +136,7 @@ def find_classifier(model: nn.Module) -> nn.Linear:
 
 def classic_cam(model: nn.Module, x_norm: torch.Tensor, targets, layer: nn.Module,
                 fc: nn.Linear | None = None) -> torch.Tensor:
-    """CAM (Zhou et al. 2016; SPEC 3.1, NRR-DD Eq. 1): ``CAM_y = sum_k W_fc[y,k] f_k``.
+    """CAM (Zhou et al. 2016; METHODS.md §4.1, NRR-DD Eq. 1): ``CAM_y = sum_k W_fc[y,k] f_k``.
 
     ``f`` = output ``(N,K,h,w)`` of ``layer``. If the classifier takes ``K`` inputs (global average
     pooling nets) the weights are ``W_fc[y]``; if it takes ``K*h*w`` (flatten nets such as
@@ -272,7 +272,7 @@ def teacher_cam(teacher, x_norm: torch.Tensor, targets, method: str = "cam",
         teacher: the Teacher (uses ``teacher.model`` and ``teacher.layer(layer)``).
         x_norm: normalised images ``(N,3,S,S)`` on the teacher's device.
         targets: class index per image ``(N,)``.
-        method: name in :data:`CAM_METHODS` (default ``"cam"``, SPEC 3.1).
+        method: name in :data:`CAM_METHODS` (default ``"cam"``, METHODS.md §4.1).
         layer: dotted module name; default the teacher's ``cam_layer``.
 
     Returns:
@@ -291,7 +291,7 @@ def teacher_cam(teacher, x_norm: torch.Tensor, targets, method: str = "cam",
 # ----------------------------------------------------------------------------- masks and scores
 
 def noncritical_mask(cam: torch.Tensor, tau: float, mode: str = "soft") -> torch.Tensor:
-    """Non-critical region mask of NRR-DD (SPEC 3.3, Eq. 4).
+    """Non-critical region mask of NRR-DD (METHODS.md §4.3, Eq. 4).
 
     ``soft``: ``M = max(0, tau - C)``; ``binary``: ``M = 1[C < tau]``; ``scaled``:
     ``M = max(0, tau - C) / tau`` (all zeros when ``tau = 0``). Pixels with ``C >= tau`` are
@@ -323,7 +323,7 @@ def noncritical_mask(cam: torch.Tensor, tau: float, mode: str = "soft") -> torch
 
 
 def dae_weight(cam: torch.Tensor, beta: float) -> torch.Tensor:
-    """EDF's discriminative area enhancement weight (SPEC 4.5).
+    """EDF's discriminative area enhancement weight (METHODS.md §5.5).
 
     ``F = 1`` where ``A < mean(A)`` of its image, else ``A + beta``; used as ``x.grad *= F``.
 
@@ -339,7 +339,7 @@ def dae_weight(cam: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def complexity_score(cam: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Comp-DD complexity of each image (SPEC 6): ``1 - mean(1[A >= threshold])``.
+    """Comp-DD complexity of each image (METHODS.md §7): ``1 - mean(1[A >= threshold])``.
 
     Args:
         cam: Grad-CAM map ``(N,H,W)`` in [0,1].
@@ -352,7 +352,7 @@ def complexity_score(cam: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def cam_ratio(cam: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """CAM mass inside each box (SPEC 3.2, CIDD): ``sum_box C / sum_all C``.
+    """CAM mass inside each box (METHODS.md §4.2, CIDD): ``sum_box C / sum_all C``.
 
     Args:
         cam: one image's CAM ``(H,W)`` in [0,1].

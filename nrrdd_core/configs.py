@@ -29,7 +29,7 @@ def param(default: Any, doc: str, *, unit: str | None = None, lo: float | None =
     """Declare a config field with documentation and a valid range.
 
     Args:
-        default: default value (the SPEC's value).
+        default: default value (the published or official value).
         doc: one-line meaning.
         unit: unit (``"steps"``, ``"px"``, ``"epochs"``...) or None.
         lo, hi: inclusive bounds (exclusive with ``lo_open``/``hi_open``); None = unbounded.

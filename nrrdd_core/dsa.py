@@ -1,4 +1,4 @@
-"""Differentiable Siamese Augmentation (DSA) of trajectory matching (SPEC 4.2; DC/DSA, MTT, DATM
+"""Differentiable Siamese Augmentation (DSA) of trajectory matching (METHODS.md §5.2; DC/DSA, MTT, DATM
 code).
 
 Each call picks ONE strategy per mini-batch from the configured list and draws its parameters per
@@ -148,7 +148,7 @@ def dsa_apply(x: torch.Tensor, strategy: str, generator: torch.Generator) -> tor
 def dsa(x: torch.Tensor, generator: torch.Generator,
         strategies: Sequence[str] = DSA_STRATEGIES) -> torch.Tensor:
     """DSA of one mini-batch: one strategy drawn uniformly from ``strategies`` (with
-    ``generator``), parameters drawn per sample (SPEC 4.2).
+    ``generator``), parameters drawn per sample (METHODS.md §5.2).
 
     Args:
         x: ``(N,3,H,W)`` float images (normalised pixels); may require grad.

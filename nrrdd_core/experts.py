@@ -1,8 +1,8 @@
-"""Expert trajectories for trajectory matching (SPEC 4.1; MTT / DATM / EDF code).
+"""Expert trajectories for trajectory matching (METHODS.md §5.1; MTT / DATM / EDF code).
 
 An *expert* is a ConvNet-IN trained on the real training split with plain SGD (momentum 0,
 wd 0; lr 0.01 and batch 256 in the papers, smaller CPU defaults in :class:`ExpertConfig`),
-cross-entropy and DSA augmentation (SPEC 4.2). Its *trajectory* is
+cross-entropy and DSA augmentation (METHODS.md §5.2). Its *trajectory* is
 the flat parameter vector (``parameters()`` order, float32) at initialisation and after every
 epoch: ``E+1`` snapshots of length ``P``.
 
@@ -51,7 +51,7 @@ Progress = Callable[[int, int, dict], None]
 
 @dataclass(frozen=True)
 class ExpertConfig(ConfigBase):
-    """How to train the expert trajectories (SPEC 4.1). Defaults: small, for the built-in
+    """How to train the expert trajectories (METHODS.md §5.1). Defaults: small, for the built-in
     dataset on a CPU (3 experts x 20 epochs of a width-32 ConvNet-IN, plain SGD lr 0.2, batch 32,
     200 images per class, DSA: about 1 min per expert on one CPU thread); use :meth:`for_dataset`
     for the published settings.
@@ -78,7 +78,7 @@ class ExpertConfig(ConfigBase):
                        source="ours")
     train_per_class: int = param(200, "real training images per class (the first ones in stored "
                                  "order); 0 = all", unit="images", lo=0, source="ours")
-    dsa: bool = param(True, "DSA augmentation on every batch (SPEC 4.2)", source="code")
+    dsa: bool = param(True, "DSA augmentation on every batch (METHODS.md §5.2)", source="code")
     dsa_strategies: str = param(",".join(DSA_STRATEGIES), "comma-separated DSA strategies",
                                 source="code", ui=False)
     zca: bool = param(False, "ZCA-whiten the images (MTT/DATM do for CIFAR and Tiny)", source="code")
@@ -102,7 +102,7 @@ class ExpertConfig(ConfigBase):
 
     @classmethod
     def for_dataset(cls, name: str, **overrides) -> "ExpertConfig":
-        """The published expert settings (SPEC 4.1; MTT/DATM buffers) for a dataset family:
+        """The published expert settings (METHODS.md §5.1; MTT/DATM buffers) for a dataset family:
         CIFAR-10/100: 100 experts x 50 epochs, ConvNet-IN-3 width 128, ZCA; Tiny-ImageNet:
         depth 4, ZCA; ImageNet subsets (imagenette, imagewoof, ... at 128 px): depth 5, no ZCA.
         Anything else (e.g. the built-in ``shapes``) gets the small defaults.
@@ -168,7 +168,7 @@ class ParamLayout:
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum_c softmax(target)_c log softmax(logits)_c`` (SPEC 4.3);
+    """Mean over the batch of ``-sum_c softmax(target)_c log softmax(logits)_c`` (METHODS.md §5.3);
     both ``(B, C)``."""
     return -(F.softmax(target_logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
 
@@ -494,7 +494,7 @@ class ExpertTrainer:
 def train_experts(cfg: ExpertConfig, bundle: DatasetBundle, device: str | torch.device = "auto",
                   progress: Progress | None = None,
                   should_stop: Callable[[], bool] | None = None) -> Path:
-    """Train (or reuse from the cache) the expert buffer of ``cfg`` on ``bundle`` (SPEC 4.1).
+    """Train (or reuse from the cache) the expert buffer of ``cfg`` on ``bundle`` (METHODS.md §5.1).
 
     Args:
         cfg: expert settings.

@@ -1,13 +1,13 @@
 """Relabelling for student training: teacher soft labels, DBR distances and hard labels
-(SPEC 0.3, 0.4, 3.4), per-epoch label stores for replay, and storage accounting.
+(METHODS.md §1.3, 0.4, 3.4), per-epoch label stores for replay, and storage accounting.
 
 Label modes:
 
 - ``"soft"``: the teacher's logits on every mixed student batch; the student minimises
-  ``KL(softmax(T/tau) || softmax(S/tau))`` (batchmean, no ``tau^2``; SPEC 0.4).
+  ``KL(softmax(T/tau) || softmax(S/tau))`` (batchmean, no ``tau^2``; METHODS.md §1.4).
 - ``"dbr"``: per mixed sample only two numbers, ``d_org = CE(p_T, onehot(y))`` and
   ``d_aug = CE(p_T, onehot(y_pi))`` with ``p_T = softmax(T(x_mix)/tau_d)``; the student minimises
-  ``L_sce + alpha_dbr * L_dbr`` (SPEC 3.4, Eq. 6-10; hinge form and L1/L2 choice [ours]).
+  ``L_sce + alpha_dbr * L_dbr`` (METHODS.md §4.4, Eq. 6-10; hinge form and L1/L2 choice [ours]).
 - ``"hard"``: no teacher; cross-entropy against the mixed one-hot target
   ``lam' e_y + (1 - lam') e_{y_pi}``.
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 LABEL_MODES = ("soft", "dbr", "hard")
 MIX_MODES = ("cutmix", "mixup")
-#: Soft-label temperature by mixing mode (SPEC 0.3, RDED).
+#: Soft-label temperature by mixing mode (METHODS.md §1.3, RDED).
 DEFAULT_TEMPERATURE = {"cutmix": 20.0, "mixup": 4.0}
 #: Values stored per sample and epoch, besides soft labels' C logits.
 DBR_VALUES = 2
@@ -79,7 +79,7 @@ class BatchAug:
 
 @dataclass(frozen=True)
 class AugSpec:
-    """How student batches are augmented (SPEC 0.4).
+    """How student batches are augmented (METHODS.md §1.4).
 
     Attributes:
         mix: ``"cutmix"`` (``lam ~ Beta(1,1)``) or ``"mixup"`` (``lam ~ Beta(0.8,0.8)``).
@@ -111,7 +111,7 @@ def _augment(x01: torch.Tensor, aug: BatchAug, spec: AugSpec) -> torch.Tensor:
 
 def draw_batch(x01: torch.Tensor, idx: torch.Tensor, spec: AugSpec,
                generator: torch.Generator) -> tuple[torch.Tensor, BatchAug]:
-    """Draw and apply the augmentation of one student batch (SPEC 0.3, 0.4).
+    """Draw and apply the augmentation of one student batch (METHODS.md §1.3, 0.4).
 
     Order of draws from ``generator``: crop boxes, flips, RandAugment seed (when on), then the
     CutMix / Mixup parameters of :func:`nrrdd_core.augment.cutmix` / ``mixup``.
@@ -163,7 +163,7 @@ def replay_batch(x01: torch.Tensor, aug: BatchAug, spec: AugSpec) -> torch.Tenso
 # ---- teacher values and student losses -------------------------------------------------------
 def dbr_distances(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
-    """DBR distances (SPEC 3.4): ``(B,2)`` = ``[CE(p, onehot(y)), CE(p, onehot(y_pi))]`` with
+    """DBR distances (METHODS.md §4.4): ``(B,2)`` = ``[CE(p, onehot(y)), CE(p, onehot(y_pi))]`` with
     ``p = softmax(logits / temperature)``, in nats (>= 0). Differentiable w.r.t. ``logits``."""
     logp = F.log_softmax(logits / temperature, dim=1)
     return -torch.stack([logp.gather(1, y[:, None])[:, 0], logp.gather(1, y_perm[:, None])[:, 0]], 1)
@@ -178,7 +178,7 @@ def mixed_ce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor, lam: f
 
 def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  temperature: float) -> torch.Tensor:
-    """``KL(softmax(T/tau) || softmax(S/tau))``, batchmean, no ``tau^2`` (SPEC 0.4)."""
+    """``KL(softmax(T/tau) || softmax(S/tau))``, batchmean, no ``tau^2`` (METHODS.md §1.4)."""
     return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                     F.log_softmax(teacher_logits.float() / temperature, dim=1),
                     reduction="batchmean", log_target=True)
@@ -186,12 +186,12 @@ def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 @dataclass(frozen=True)
 class LossSpec:
-    """The student's loss (SPEC 0.4, 3.4).
+    """The student's loss (METHODS.md §1.4, 3.4).
 
     Attributes:
         mode: ``"soft"``, ``"dbr"`` or ``"hard"``.
         temperature: soft-label temperature ``tau`` (> 0).
-        alpha_dbr: weight of ``L_dbr`` (SPEC 3.4: 1).
+        alpha_dbr: weight of ``L_dbr`` (METHODS.md §4.4: 1).
         dbr_radius: hinge radius ``r`` of ``L_sce`` in nats (paper: 0.4).
         dbr_norm: ``"l1"`` (``|d^S - d^T|``, default) or ``"l2"`` (``(d^S - d^T)^2``) [ours].
         dbr_temperature: ``tau_d`` of the DBR distances (default 1) [ours].
@@ -243,7 +243,7 @@ def student_loss(student_logits: torch.Tensor, values: torch.Tensor | None, y: t
     - soft: :func:`soft_kd_loss` against teacher logits ``values`` ``(B,C)``.
     - dbr: ``L_S = L_sce + alpha_dbr * L_dbr`` with ``L_sce = mean(relu(mixed_ce - r))`` and
       ``L_dbr = mean(|d^S_org - d^T_org| + |d^S_aug - d^T_aug|)`` (squares with ``"l2"``),
-      ``values`` = teacher distances ``(B,2)`` (SPEC 3.4).
+      ``values`` = teacher distances ``(B,2)`` (METHODS.md §4.4).
     - hard: ``mean(mixed_ce)`` (one-hot targets mixed with the true fraction ``lam``).
     """
     if spec.mode == "soft":
@@ -270,7 +270,7 @@ class SoftLabelStore:
     - ``aug_eNNNN.pt``: that epoch's batch parameters (image order, crop boxes, flips, partner
       permutations, CutMix boxes / Mixup weights, RandAugment seeds), ``weights_only`` loadable;
     - ``<mode>_eNNNN.f16``: the teacher values, raw little-endian fp16 ``(N, V)`` with no header,
-      so its size is exactly ``N x V x 2`` bytes (the paper's arithmetic, SPEC 3.4).
+      so its size is exactly ``N x V x 2`` bytes (the paper's arithmetic, METHODS.md §4.4).
 
     Files are written atomically and an epoch is listed in ``store.json`` only after both of its
     files exist. Opening a store whose ``key`` differs discards the old epochs (with a warning).
@@ -478,7 +478,7 @@ def label_storage_bytes(source: str | os.PathLike | Iterable[str | os.PathLike])
 
 
 def paper_label_bytes(num_images: int, epochs: int, num_classes: int, bytes_per_value: int = 2) -> dict:
-    """The paper's storage arithmetic (SPEC 3.4): soft labels ``N x epochs x C`` values, DBR
+    """The paper's storage arithmetic (METHODS.md §4.4): soft labels ``N x epochs x C`` values, DBR
     ``N x epochs x 2`` values, ``bytes_per_value`` each (2 = fp16).
 
     Returns:

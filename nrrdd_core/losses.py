@@ -1,6 +1,6 @@
 """Losses shared by the distillation methods.
 
-:class:`BNStatsLoss` is SRe2L's BN-statistics matching loss (SPEC 0.2).
+:class:`BNStatsLoss` is SRe2L's BN-statistics matching loss (METHODS.md §1.2).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class BNStatsLoss:
-    """BN-statistics loss of SRe2L (SPEC 0.2): match batch statistics to running statistics.
+    """BN-statistics loss of SRe2L (METHODS.md §1.2): match batch statistics to running statistics.
 
     Registers a forward hook on every :class:`torch.nn.BatchNorm2d` of ``model`` (module order).
     For BN layer ``l`` with input ``a_l`` of shape ``(B, C_l, H_l, W_l)`` it records

@@ -1,6 +1,6 @@
 """Teacher-side measures of an image set (synthetic or real) used to compare distilled sets.
 
-- :func:`cam_area`: share of pixels the teacher's CAM covers (``1 -`` Comp-DD complexity, SPEC 6).
+- :func:`cam_area`: share of pixels the teacher's CAM covers (``1 -`` Comp-DD complexity, METHODS.md §7).
 - :func:`feature_diversity`: mean pairwise L2 distance between feature vectors of images of the
   same class (ours; a simple intra-class diversity measure).
 - :func:`set_metrics`: both of them plus the teacher's top-1 accuracy and confidence on a set.
@@ -16,7 +16,7 @@ from .models.teacher import Teacher
 
 def cam_area(cam: torch.Tensor, threshold: float = 0.5) -> float:
     """Mean share of pixels with ``C >= threshold`` over a batch of CAM maps (``1 -`` the mean
-    Comp-DD complexity, SPEC 6).
+    Comp-DD complexity, METHODS.md §7).
 
     Args:
         cam: maps ``(N,H,W)`` in [0,1].
@@ -52,7 +52,7 @@ def set_metrics(teacher: Teacher, x01: torch.Tensor, labels: torch.Tensor) -> di
 
     Args:
         teacher: the frozen teacher (its ``data_config`` normalises the images; its CAM layer
-            gives the features and the CAM, SPEC 3.1 classic CAM).
+            gives the features and the CAM, METHODS.md §4.1 classic CAM).
         x01: images ``(N,3,H,W)`` in [0,1] (any device).
         labels: ``(N,)`` int64 class indices (teacher logit order).
 

@@ -150,7 +150,7 @@ def predictions(teacher_key: tuple, idx: tuple, _teacher: Teacher,
 def cam_maps(teacher_key: tuple, method: str, layer: str, idx: tuple, _teacher: Teacher,
              _bundle: DatasetBundle) -> np.ndarray:
     """CAM maps ``(n, H, W)`` float32 in [0, 1] of training images ``idx`` for their
-    ground-truth class (SPEC 3.1), with ``method`` from ``nrrdd_core.cam.CAM_METHODS``."""
+    ground-truth class (METHODS.md §4.1), with ``method`` from ``nrrdd_core.cam.CAM_METHODS``."""
     from nrrdd_core.cam import explore_cam
 
     x01 = _bundle.train.float01(list(idx)).to(_teacher.device)

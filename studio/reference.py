@@ -1,4 +1,4 @@
-"""Published top-1 accuracies of SPEC section 5, for the Evaluate page's results table."""
+"""Published top-1 accuracies of METHODS.md §6, for the Evaluate page's results table."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def student_family(student: str) -> str:
 
 
 def dataset_family(manifest: dict) -> str:
-    """The SPEC 5 dataset name of a run: from the dataset entry, its subset or its files."""
+    """The METHODS.md §6 dataset name of a run: from the dataset entry, its subset or its files."""
     ds = manifest.get("dataset", {})
     args = ds.get("args", {})
     text = " ".join(str(v) for v in [ds.get("name", ""), args.get("subset", ""),
@@ -44,7 +44,7 @@ def dataset_family(manifest: dict) -> str:
 
 
 def published(manifest: dict, student: str) -> float | None:
-    """The published figure for a run's setting, or None when SPEC 5 has no such setting.
+    """The published figure for a run's setting, or None when METHODS.md §6 has no such setting.
     Only runs over all classes of the dataset match."""
     ds = manifest.get("dataset", {})
     if len(ds.get("classes", [])) != len(ds.get("all_class_names", [])):

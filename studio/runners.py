@@ -97,7 +97,7 @@ def steps_per_second(history: list[dict], window: int = 20) -> float:
 def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, eval_cfg: dict, store: dict,
             recompute: bool = False) -> dict:
-    """Distil the chosen classes with each method (SPEC defaults, same teacher and seed), add the
+    """Distil the chosen classes with each method (published defaults, same teacher and seed), add the
     random real subset of the same size, and measure each set
     (:func:`nrrdd_core.metrics.set_metrics`), a quick student evaluation (``eval_cfg``), time and
     label storage. Results already in ``store`` (same setup, method and evaluation settings) are
@@ -150,8 +150,8 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
 
 def evaluate_runs(job: Job, paths: list[str], teacher: Teacher, bundle: DatasetBundle,
                   eval_cfg: dict, s: Setup) -> list[dict]:
-    """Train a student on each saved run with ``eval_cfg`` (its ``protocol``: ``kd``, SPEC 0.4,
-    or ``edf``, SPEC 4.6, which uses the run's extras: learned labels, lr, architecture, ZCA),
+    """Train a student on each saved run with ``eval_cfg`` (its ``protocol``: ``kd``, METHODS.md §1.4,
+    or ``edf``, METHODS.md §5.6, which uses the run's extras: learned labels, lr, architecture, ZCA),
     recording one history row per epoch (``run``, ``epoch``, ``acc`` on evaluated epochs...) and
     saving each result into its run folder. A run that cannot be evaluated (other dataset...)
     gets an ``error`` row and the others go on."""

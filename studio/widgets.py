@@ -154,7 +154,7 @@ def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
 def config_knobs(method: str, fields: list[dict], overrides: dict | None = None,
                  disabled: bool = False, columns: int = 3) -> dict:
     """Widgets generated from ``Config.describe()`` rows (fields with ``ui=False`` are left at
-    their default). Values persist for the session; ``overrides`` replace the SPEC defaults for
+    their default). Values persist for the session; ``overrides`` replace the published defaults for
     fields the user has not touched yet (tiny mode, a reopened run). Returns ``{name: value}``."""
     overrides = overrides or {}
     shown = [f for f in fields if f.get("ui", True)]

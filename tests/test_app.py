@@ -234,7 +234,7 @@ def test_evaluate_offers_edf_protocol_for_edf_runs(teacher_path, tmp_path, monke
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
     rows = at.dataframe[0].value
     assert rows["protocol"].tolist() == ["edf"] and "error" not in rows
-    assert any("EDF (SPEC 4.6) protocol" in m.value for m in at.markdown)
+    assert any("EDF (METHODS.md §5.6) protocol" in m.value for m in at.markdown)
 
 
 def test_setup_trains_a_teacher_with_progress(monkeypatch):

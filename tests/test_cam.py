@@ -1,4 +1,4 @@
-"""CAM, Grad-CAM, the grad-cam package wrapper, masks and scores (SPEC 3.1, 3.2, 3.3, 4.5, 6)."""
+"""CAM, Grad-CAM, the grad-cam package wrapper, masks and scores (METHODS.md §4.1, 3.2, 3.3, 4.5, 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EDF / DATM trajectory matching with CPD and DAE (SPEC 4.3-4.7) and its evaluation (4.6)."""
+"""EDF / DATM trajectory matching with CPD and DAE (METHODS.md §5.3-4.7) and its evaluation (4.6)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_dae_cam_class(setup, monkeypatch, target):
     d.step()
     want = d.labels if target == "distilled_class" else (d.labels + 1) % 3
     assert torch.equal(seen[-1].cpu(), want)
-    assert EDFConfig().dae_target == "argmax_y"                          # SPEC 4.5 default
+    assert EDFConfig().dae_target == "argmax_y"                          # METHODS.md §5.5 default
 
 
 def test_dae_runs_with_the_real_cam(setup):

@@ -1,4 +1,4 @@
-"""Student evaluation, KD protocol (SPEC 0.4): rules, determinism, label modes, store replay."""
+"""Student evaluation, KD protocol (METHODS.md §1.4): rules, determinism, label modes, store replay."""
 
 from __future__ import annotations
 

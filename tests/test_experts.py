@@ -1,4 +1,4 @@
-"""Expert trajectories (SPEC 4.1), DSA (SPEC 4.2) and ZCA."""
+"""Expert trajectories (METHODS.md §5.1), DSA (METHODS.md §5.2) and ZCA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Relabelling (SPEC 0.3, 0.4, 3.4): DBR values, losses, label store replay, storage accounting."""
+"""Relabelling (METHODS.md §1.3, 0.4, 3.4): DBR values, losses, label store replay, storage accounting."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_storage_bytes_from_written_files(tmp_path):
     assert b["soft_over_dbr"] == pytest.approx(C / 2)
     assert b["hard"] > 0 and b["aug_params"] > 0 and len(b["files"]) == 2 * 2 * epochs + 1
     assert label_storage_bytes([tmp_path / "labels_dbr" / "dbr_e0000.f16"])["dbr"] == N * 2 * 2
-    paper = paper_label_bytes(200_000, 300, 1000)  # ImageNet-1k IPC200 (SPEC 3.4)
+    paper = paper_label_bytes(200_000, 300, 1000)  # ImageNet-1k IPC200 (METHODS.md §4.4)
     assert paper["soft"] == 120_000_000_000 and paper["dbr"] == 240_000_000
     assert paper["soft_over_dbr"] == 500
 

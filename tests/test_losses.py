@@ -1,4 +1,4 @@
-"""BN-statistics loss (SPEC 0.2)."""
+"""BN-statistics loss (METHODS.md §1.2)."""
 
 from __future__ import annotations
 

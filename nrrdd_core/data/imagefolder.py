@@ -1,5 +1,5 @@
 """``imagefolder`` (any ``root/<class>/<image>`` tree) and ``imagenet_subset`` (10-class
-ImageNet-1k subsets, SPEC section 6).
+ImageNet-1k subsets, METHODS.md §7).
 
 Every image is decoded with Pillow, converted to RGB (grayscale, palette, CMYK; images with
 transparency are composited onto white), resized so that its shorter side is ``image_size`` and
@@ -24,7 +24,7 @@ from .npz import channel_stats
 
 log = logging.getLogger(__name__)
 
-#: ImageNet-1k class indices of the 10-class subsets, in their published order (SPEC section 6).
+#: ImageNet-1k class indices of the 10-class subsets, in their published order (METHODS.md §7).
 IMAGENET_SUBSETS = {
     "imagenette": (0, 217, 482, 491, 497, 566, 569, 571, 574, 701),
     "imagewoof": (193, 182, 258, 162, 155, 167, 159, 273, 207, 229),
@@ -214,12 +214,12 @@ def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int 
 @register_dataset("imagenet_subset")
 def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_size: int = 128,
                          max_per_class: int | None = None) -> DatasetBundle:
-    """A 10-class ImageNet-1k subset (SPEC section 6) read from a full ImageNet tree.
+    """A 10-class ImageNet-1k subset (METHODS.md §7) read from a full ImageNet tree.
 
     ``root/train`` must hold the 1000 wnid folders; class index = position in their sorted list
     (torchvision ``ImageFolder`` order). The test split comes from ``root/val/<wnid>`` (class
     folders, e.g. after the usual val-prep script); without ``root/val`` it is empty (warning).
-    Labels ``0..9`` follow SPEC section 6's order; ``class_map`` holds the ImageNet indices;
+    Labels ``0..9`` follow METHODS.md §7's order; ``class_map`` holds the ImageNet indices;
     class names are torchvision's ImageNet category names.
 
     Args:

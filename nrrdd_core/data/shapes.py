@@ -1,4 +1,4 @@
-"""``shapes``: the built-in, offline, procedurally generated 10-class dataset (SPEC section 6 /
+"""``shapes``: the built-in, offline, procedurally generated 10-class dataset (METHODS.md §7 /
 issue 2 section 2).
 
 Each image shows one object (circle, triangle, square, pentagon, hexagon, star, cross, ring,

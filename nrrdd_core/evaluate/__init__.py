@@ -1,5 +1,5 @@
-"""Student evaluation of a distilled set: ``protocol="kd"`` (SPEC 0.4, :mod:`.kd`) or ``"edf"``
-(SPEC 4.6, :mod:`.edf`, imported on first use).
+"""Student evaluation of a distilled set: ``protocol="kd"`` (METHODS.md §1.4, :mod:`.kd`) or ``"edf"``
+(METHODS.md §5.6, :mod:`.edf`, imported on first use).
 
 Example::
 

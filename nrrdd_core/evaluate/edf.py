@@ -1,4 +1,4 @@
-"""Student evaluation, EDF protocol (SPEC 4.6; MTT / DATM / EDF code).
+"""Student evaluation, EDF protocol (METHODS.md §5.6; MTT / DATM / EDF code).
 
 A fresh ConvNet-IN (the distillation architecture) is trained on the distilled images with
 SGD (lr = the learned student lr, momentum 0.9, weight decay 5e-4), the lr multiplied by 0.1 at
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: (``EDFDistiller.export_extras()``, ``Run.extras``).
 RUN_EXTRAS = ("label_logits", "syn_lr", "arch_kwargs", "zca_eps")
 
-#: SPEC 4.6 defaults when the caller gives none (epochs: ``EvalConfig.num_epochs``).
+#: METHODS.md §5.6 defaults when the caller gives none (epochs: ``EvalConfig.num_epochs``).
 DEFAULT_LR = 0.01
 DEFAULT_BATCH = 256
 
@@ -44,7 +44,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
                  label_logits: torch.Tensor | None = None, syn_lr: float | None = None,
                  arch_kwargs: dict | None = None, zca_eps: float | None = None,
                  epochs: int | None = None) -> EvalResult:
-    """Train a fresh ConvNet-IN on a distilled set and test it (SPEC 4.6).
+    """Train a fresh ConvNet-IN on a distilled set and test it (METHODS.md §5.6).
 
     Args:
         images01: ``(N,3,S,S)`` float images in [0, 1] (any device).

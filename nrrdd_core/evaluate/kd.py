@@ -1,4 +1,4 @@
-"""Student evaluation, KD protocol (SPEC 0.4, the RDED code; label modes of SPEC 3.4).
+"""Student evaluation, KD protocol (METHODS.md §1.4, the RDED code; label modes of METHODS.md §4.4).
 
 A fresh student is trained on a distilled set with AdamW (no weight decay on biases / norm
 weights), the "smoothing LR" ``f(e) = 0.5 (1 + cos(pi e / (2E)))`` stepped per epoch, and on every
@@ -36,15 +36,15 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
 
-#: Student epochs of each protocol when ``EvalConfig.epochs`` is 0 (SPEC 0.4: 300; SPEC 4.6: 1000).
+#: Student epochs of each protocol when ``EvalConfig.epochs`` is 0 (METHODS.md §1.4: 300; METHODS.md §5.6: 1000).
 PROTOCOL_EPOCHS = {"kd": 300, "edf": 1000}
 
 
 @dataclass(frozen=True)
 class EvalConfig(ConfigBase):
-    """Student evaluation settings (SPEC 0.4 KD protocol; SPEC 3.4 label modes)."""
+    """Student evaluation settings (METHODS.md §1.4 KD protocol; METHODS.md §4.4 label modes)."""
 
-    protocol: str = param("kd", "evaluation protocol: kd (SPEC 0.4) or edf (SPEC 4.6)",
+    protocol: str = param("kd", "evaluation protocol: kd (METHODS.md §1.4) or edf (METHODS.md §5.6)",
                           choices=("kd", "edf"), source="code")
     student: str = param("convnet_bn", "student architecture (convnet_bn, resnet18_small, resnet18, "
                          "mobilenet_v2 or any registered model)", choices=tuple(list_models()),
@@ -53,9 +53,9 @@ class EvalConfig(ConfigBase):
                                lo=0, hi=8, source="code")
     student_width: int = param(0, "ConvNet student width; 0 = builder default (128)",
                                unit="channels", lo=0, hi=1024, source="code")
-    epochs: int = param(0, "student training epochs; 0 = the protocol's default (kd 300, SPEC 0.4; "
-                        "edf 1000, SPEC 4.6)", unit="epochs", lo=0, hi=5000, source="code")
-    batch_size: int = param(0, "batch size; 0 = SPEC rule (IPC 1/10/50 -> 10/50/100, x2 for >= 100 "
+    epochs: int = param(0, "student training epochs; 0 = the protocol's default (kd 300, METHODS.md §1.4; "
+                        "edf 1000, METHODS.md §5.6)", unit="epochs", lo=0, hi=5000, source="code")
+    batch_size: int = param(0, "batch size; 0 = the RDED rule (IPC 1/10/50 -> 10/50/100, x2 for >= 100 "
                             "classes, capped at N)", unit="images", lo=0, source="code")
     lr: float = param(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, source="code")
     beta1: float = param(0.9, "AdamW beta1", lo=0.0, hi=1.0, hi_open=True, source="code")
@@ -80,7 +80,7 @@ class EvalConfig(ConfigBase):
                                    lo_open=True, source="ours")
     store_labels: bool = param(False, "store teacher labels per epoch and replay them (else online)",
                                source="code")
-    eval_every: int = param(0, "test every k epochs (and the last); 0 = SPEC rule (e % 10 == 9 and "
+    eval_every: int = param(0, "test every k epochs (and the last); 0 = the RDED rule (e % 10 == 9 and "
                             "e > 0.8E)", unit="epochs", lo=0, source="code")
 
     @property
@@ -131,7 +131,7 @@ class EvalResult:
 
 
 def default_batch_size(ipc: float, num_classes: int, num_images: int) -> int:
-    """SPEC 0.4 batch rule: IPC <= 1 -> 10, <= 10 -> 50, else 100; x2 for >= 100 classes;
+    """METHODS.md §1.4 batch rule: IPC <= 1 -> 10, <= 10 -> 50, else 100; x2 for >= 100 classes;
     capped at ``num_images``."""
     b = 10 if ipc <= 1 else 50 if ipc <= 10 else 100
     if num_classes >= 100:
@@ -142,7 +142,7 @@ def default_batch_size(ipc: float, num_classes: int, num_images: int) -> int:
 def eval_epochs(epochs: int, every: int = 0) -> list[int]:
     """0-based epochs after which the student is tested.
 
-    ``every = 0``: SPEC 0.4, epochs ``e`` with ``e % 10 == 9 and e > 0.8E``; when that gives fewer
+    ``every = 0``: METHODS.md §1.4, epochs ``e`` with ``e % 10 == 9 and e > 0.8E``; when that gives fewer
     than two, every epoch in the last 20 % (``e + 1 > 0.8E``). ``every = k``: every k-th epoch.
     The last epoch is always included.
     """
@@ -156,7 +156,7 @@ def eval_epochs(epochs: int, every: int = 0) -> list[int]:
 
 
 def smoothing_lr(epoch: int, epochs: int) -> float:
-    """RDED's smoothing LR factor ``0.5 (1 + cos(pi e / (2E)))`` (1.0 -> 0.5), SPEC 0.4."""
+    """RDED's smoothing LR factor ``0.5 (1 + cos(pi e / (2E)))`` (1.0 -> 0.5), METHODS.md §1.4."""
     return 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * epochs)))
 
 
@@ -183,7 +183,7 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
                 progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
                 classes: Sequence[int | str] | None = None,
                 label_dir: str | Path | None = None) -> EvalResult:
-    """Train a fresh student on a distilled set and test it (SPEC 0.4).
+    """Train a fresh student on a distilled set and test it (METHODS.md §1.4).
 
     Args:
         images01: distilled images ``(N,3,S,S)`` float in [0, 1] (any device), ``S`` = the

@@ -1,12 +1,12 @@
 """Pieces shared by the KD-family methods (SRe2L, RDED, NRR-DD), each written once.
 
-- Real-patch selection (RDED SPEC 2, NRR-DD's CIDD SPEC 3.2): RandomResizedCrop candidate boxes
+- Real-patch selection (RDED METHODS.md §3, NRR-DD's CIDD METHODS.md §4.2): RandomResizedCrop candidate boxes
   (:func:`candidate_boxes`, :func:`crop_patches`), padded-patch scoring by the teacher
   (:func:`pad_center`, :func:`patch_cross_entropy`), stitching of ranked patches into
   ``factor x factor`` grids (:func:`stitch`), and the per-class, chunked step machinery
   (:class:`PatchSelectionDistiller`) whose subclasses only say how a chunk of real images yields
   ranked candidates.
-- Image refinement with Adam (SRe2L recover SPEC 1, NRR SPEC 3.3): :class:`Refiner`, a masked
+- Image refinement with Adam (SRe2L recover METHODS.md §2, NRR METHODS.md §4.3): :class:`Refiner`, a masked
   Adam loop whose mask multiplies the optimiser's *update* (SRe2L = no mask).
 
 Pixel spaces: real images come in as uint8, are converted to [0,1] and normalised with the
@@ -65,7 +65,7 @@ def to01(teacher: Teacher, x_norm: torch.Tensor) -> torch.Tensor:
 # ---- real-patch candidates, scoring, stitching -----------------------------------------------
 def candidate_boxes(n: int, m: int, image_size: int, generator: torch.Generator,
                     min_scale: float = 0.08) -> torch.Tensor:
-    """``m`` square RandomResizedCrop boxes per real image (SPEC 2: scale ``(min_scale, 1)``,
+    """``m`` square RandomResizedCrop boxes per real image (METHODS.md §3: scale ``(min_scale, 1)``,
     ratio 1), drawn with ``generator``.
 
     Returns:
@@ -94,7 +94,7 @@ def crop_patches(x: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tenso
 
 
 def pad_center(patches: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad ``(P,3,s,s)`` patches, centred, to ``(P,3,size,size)`` (SPEC 2 ``pad_H``).
+    """Zero-pad ``(P,3,s,s)`` patches, centred, to ``(P,3,size,size)`` (METHODS.md §3 ``pad_H``).
 
     Zero is taken in normalised space (the dataset's mean colour), as in the released RDED code,
     which normalises before padding. A no-op when ``s == size`` (factor 1).
@@ -107,7 +107,7 @@ def pad_center(patches: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def patch_cross_entropy(teacher: Teacher, patches_norm: torch.Tensor, target: int) -> torch.Tensor:
-    """``CE(T(pad_H(p)), target)`` of each normalised patch (SPEC 2 score; CIDD's confidence is
+    """``CE(T(pad_H(p)), target)`` of each normalised patch (METHODS.md §3 score; CIDD's confidence is
     ``exp(-CE)``), in batches of :data:`SCORE_BATCH` under ``no_grad``.
 
     Args:
@@ -128,7 +128,7 @@ def patch_cross_entropy(teacher: Teacher, patches_norm: torch.Tensor, target: in
 
 
 def stitch(patches: torch.Tensor, ipc: int, factor: int, size: int) -> torch.Tensor:
-    """Stitch ranked patches into ``ipc`` images of ``factor x factor`` grids (SPEC 2).
+    """Stitch ranked patches into ``ipc`` images of ``factor x factor`` grids (METHODS.md §3).
 
     Output image ``j`` holds the patches ranked ``j, j+ipc, j+2*ipc, ...`` in row-major slots
     (the released RDED code's ``mix_images``); when ``size`` is not a multiple of ``factor`` the
@@ -163,7 +163,7 @@ def stitch(patches: torch.Tensor, ipc: int, factor: int, size: int) -> torch.Ten
 
 @dataclass
 class CIDDCandidates:
-    """CIDD candidates of one real image (SPEC 3.2), ``m`` of them, sorted by CAM ratio
+    """CIDD candidates of one real image (METHODS.md §4.2), ``m`` of them, sorted by CAM ratio
     (highest first; see :func:`cidd_candidates`).
 
     Attributes:
@@ -188,7 +188,7 @@ class CIDDCandidates:
 @torch.no_grad()
 def cidd_candidates(teacher: Teacher, x01: torch.Tensor, cam: torch.Tensor, label: int, m: int,
                     top_t: int, seed: int, min_scale: float = 0.08) -> CIDDCandidates:
-    """CIDD's candidate crops of one real image, for display (SPEC 3.2 steps 1-3).
+    """CIDD's candidate crops of one real image, for display (METHODS.md §4.2 steps 1-3).
 
     ``m`` RandomResizedCrop boxes (:func:`candidate_boxes`, seeded with ``seed``), their CAM
     ratio (:func:`nrrdd_core.cam.cam_ratio`), and the teacher's confidence ``exp(-CE)`` on each
@@ -218,7 +218,7 @@ def cidd_candidates(teacher: Teacher, x01: torch.Tensor, cam: torch.Tensor, labe
 
 @dataclass(frozen=True)
 class PatchSelectionConfig(ConfigBase):
-    """Fields shared by RDED (SPEC 2) and NRR-DD's CIDD (SPEC 3.2)."""
+    """Fields shared by RDED (METHODS.md §3) and NRR-DD's CIDD (METHODS.md §4.2)."""
 
     mipc: int = param(300, "real images per class scored (fewer if the class has fewer)",
                       unit="images", lo=1, source="code (RDED)")
@@ -234,7 +234,7 @@ class PatchSelectionConfig(ConfigBase):
 
 
 class PatchSelectionDistiller(Distiller):
-    """Per-class real-patch selection as a sequence of bounded steps (RDED SPEC 2, CIDD SPEC 3.2).
+    """Per-class real-patch selection as a sequence of bounded steps (RDED METHODS.md §3, CIDD METHODS.md §4.2).
 
     For class ``c`` the first step draws ``n_c = min(mipc, #images of c)`` real images
     (:meth:`Distiller.real_indices`) and ``num_crops`` candidate boxes for each
@@ -359,7 +359,7 @@ class PatchSelectionDistiller(Distiller):
 # ---- masked Adam refinement --------------------------------------------------------------------
 @dataclass(frozen=True)
 class RefineConfig(ConfigBase):
-    """Adam refinement fields shared by SRe2L recover (SPEC 1) and NRR (SPEC 3.3); defaults are
+    """Adam refinement fields shared by SRe2L recover (METHODS.md §2) and NRR (METHODS.md §4.3); defaults are
     SRe2L's (NRR-DD redeclares lr and iterations)."""
 
     iterations: int = param(1000, "optimisation iterations (one step each)", unit="steps", lo=1,
@@ -385,7 +385,7 @@ def slot_batches(num_classes: int, ipc: int, batch_size: int) -> list[torch.Tens
 
 
 class Refiner:
-    """Adam refinement of synthetic images with a per-pixel update mask (SPEC 1, SPEC 3.3 Eq. 5).
+    """Adam refinement of synthetic images with a per-pixel update mask (METHODS.md §2, METHODS.md §4.3 Eq. 5).
 
     Each :meth:`step` is one iteration on the current batch: ``A = recover_augment``,
     ``L = CE(T(A(x)), y) + bn_weight * L_bn``; the loss is checked finite BEFORE the update; then

@@ -1,5 +1,5 @@
 """EDF: trajectory matching (DATM) with Common Pattern Dropout and Discriminative Area
-Enhancement (SPEC 4.3-4.5, 4.7).
+Enhancement (METHODS.md §5.3-4.5, 4.7).
 
 State: synthetic images ``x~ (N,3,H,W)`` (normalised pixels; ZCA-whitened when the expert
 buffer was trained with ZCA), learnable label logits ``Y (N,C)`` (C = classes of the dataset)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EDFConfig(ConfigBase):
-    """EDF / DATM settings (SPEC 4.3-4.5). Defaults are small, for the built-in dataset on a CPU
+    """EDF / DATM settings (METHODS.md §5.3-4.5). Defaults are small, for the built-in dataset on a CPU
     (the papers use syn_steps 80, batch_syn 100+ and thousands of iterations on a GPU)."""
 
     iterations: int = param(200, "outer iterations (one per step)", unit="steps", lo=1, source="ours")
@@ -67,7 +67,7 @@ class EDFConfig(ConfigBase):
     dae_interval: int = param(10, "DAE every k iterations (50 at IPC1, 100 at IPC10)",
                               unit="steps", lo=1, source="code")
     dae_target: str = param("argmax_y", "DAE CAM class: argmax of the learned label logits Y "
-                            "(SPEC 4.5, released code) or the class each image is distilled for "
+                            "(METHODS.md §5.5, released code) or the class each image is distilled for "
                             "(stable when weak experts make argmax Y drift)",
                             choices=("argmax_y", "distilled_class"), source="code")
     cam_method: str = param("gradcam_torch", "CAM family for DAE (the code uses Smooth Grad-CAM++)",
@@ -115,7 +115,7 @@ class EDFConfig(ConfigBase):
 def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_syn: torch.Tensor,
                    y_logits: torch.Tensor, lr: torch.Tensor, syn_steps: int, batch_syn: int,
                    generator: torch.Generator, strategies: tuple[str, ...] | None) -> torch.Tensor:
-    """Unroll ``syn_steps`` SGD steps of the student from ``theta0`` (SPEC 4.3 step 2).
+    """Unroll ``syn_steps`` SGD steps of the student from ``theta0`` (METHODS.md §5.3 step 2).
 
     Each step takes the next ``batch_syn`` indices of a random permutation of the N images
     (refilled when used up, MTT code), applies DSA (when ``strategies``), computes the soft
@@ -156,7 +156,7 @@ def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_
 
 def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Tensor,
                   alpha: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Normalised parameter-matching loss with Common Pattern Dropout (SPEC 4.3 step 3, 4.4).
+    """Normalised parameter-matching loss with Common Pattern Dropout (METHODS.md §5.3 step 3, 4.4).
 
     ``e = (theta_N - target)^2``, ``d = (theta0 - target)^2`` per scalar (``(P,)``); the
     ``floor(alpha P)`` smallest ``e`` are dropped and ``L = sum_keep e / sum_keep d``. With
@@ -186,7 +186,7 @@ def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Ten
 
 def init_from_experts(logits: torch.Tensor, c: int, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which real images of class ``c`` initialise the synthetic images, and their initial label
-    logits (DATM code, SPEC 4.3 step 1).
+    logits (DATM code, METHODS.md §5.3 step 1).
 
     The images the FINAL expert classifies correctly come first (highest true-class probability
     first); when fewer than ``ipc`` are correct (weak experts) the rest are filled with the
@@ -256,7 +256,7 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
 
 def estimate_unroll_bytes(net: nn.Module, layout: ParamLayout, image_size: int, num_classes: int,
                           syn_steps: int, batch_syn: int) -> dict:
-    """Memory estimate of one outer iteration (SPEC 4.7): linear in ``syn_steps x batch_syn``.
+    """Memory estimate of one outer iteration (METHODS.md §5.7): linear in ``syn_steps x batch_syn``.
 
     Returns:
         ``{"bytes", "per_image_step", "per_step"}``: total bytes (graph of all unrolled steps,
@@ -275,7 +275,7 @@ def estimate_unroll_bytes(net: nn.Module, layout: ParamLayout, image_size: int, 
 
 @register_method("edf")
 class EDFDistiller(Distiller):
-    """EDF (DATM + CPD + DAE) on the step-wise Distiller protocol (SPEC 4.3-4.5).
+    """EDF (DATM + CPD + DAE) on the step-wise Distiller protocol (METHODS.md §5.3-4.5).
 
     The teacher is used as the CAM model of DAE (``cam_model="teacher"``) and for the
     dataset-compatibility check; the expert buffer (``config.buffer`` or the cached
@@ -337,7 +337,7 @@ class EDFDistiller(Distiller):
         return self._to01(self.x_syn.detach()), self.labels.cpu()
 
     def views(self) -> dict[str, torch.Tensor]:
-        """``initial``, ``change`` (SPEC views), ``logits`` ``(N,C)`` (learned Y), ``lr`` ``(1,)``
+        """``initial``, ``change`` (views), ``logits`` ``(N,C)`` (learned Y), ``lr`` ``(1,)``
         (learned eta) and, after a DAE step, ``mask`` ``(N,1,H,W)`` = DAE weight / its maximum."""
         if self.x_syn is None:
             return {}
@@ -349,7 +349,7 @@ class EDFDistiller(Distiller):
         return out
 
     def export_extras(self) -> dict:
-        """What the EDF protocol (SPEC 4.6) needs besides the images, stored with a saved run:
+        """What the EDF protocol (METHODS.md §5.6) needs besides the images, stored with a saved run:
         the learned ``label_logits`` ``(N,C)`` float32 (C = the dataset's classes, image order),
         the learned student lr ``syn_lr`` (float), the ConvNet-IN ``arch_kwargs`` of the expert
         buffer and the buffer's ``zca_eps`` (None without ZCA). Empty before initialisation."""
@@ -492,7 +492,7 @@ class EDFDistiller(Distiller):
                                      c.syn_steps, min(c.batch_syn, n))
 
     def check_memory(self) -> dict:
-        """Refuse a run whose unrolled graph would not fit (SPEC 4.7).
+        """Refuse a run whose unrolled graph would not fit (METHODS.md §5.7).
 
         Raises:
             ResourceError: estimate > ``memory_budget_mb`` (or the device's free memory), with
@@ -540,7 +540,7 @@ class EDFDistiller(Distiller):
         return StepRecord(0, 0, "match", losses=losses, info=info)
 
     def _dae_weight(self) -> torch.Tensor:
-        """DAE weight ``(N,1,H,W)`` (SPEC 4.5) of the current images under the CAM model, class
+        """DAE weight ``(N,1,H,W)`` (METHODS.md §5.5) of the current images under the CAM model, class
         ``argmax Y`` (``dae_target="argmax_y"``) or the distilled class (``"distilled_class"``),
         in the dataset's label space, mapped to the CAM model's label space."""
         from ..cam import dae_weight, teacher_cam

@@ -1,12 +1,12 @@
-"""NRR-DD: critical-based initial data discovery + non-critical region refinement (SPEC 3).
+"""NRR-DD: critical-based initial data discovery + non-critical region refinement (METHODS.md §4).
 
-Phase ``"cidd"`` (SPEC 3.2) [paper]: for each real image of class ``c`` its CAM on the full image
-(SPEC 3.1); RDED's candidate boxes; per image the ``top_t`` boxes by CAM ratio
+Phase ``"cidd"`` (METHODS.md §4.2) [paper]: for each real image of class ``c`` its CAM on the full image
+(METHODS.md §4.1); RDED's candidate boxes; per image the ``top_t`` boxes by CAM ratio
 ``sum_box C / sum C``; those patches scored by the teacher's confidence ``softmax(T(pad_H(p)))_c``;
 the ``ipc * factor**2`` LOWEST-confidence (hardest) patches (``select="highest"``: the most
 confident, paper appendix C) stitched as RDED into ``x~0``.
 
-Phase ``"refine"`` (SPEC 3.3, Eq. 2-5): ``M = noncritical_mask(CAM(x~0), tau, mask_mode)``
+Phase ``"refine"`` (METHODS.md §4.3, Eq. 2-5): ``M = noncritical_mask(CAM(x~0), tau, mask_mode)``
 (``max(0, tau - C)`` by default; critical pixels ``C >= tau`` frozen), computed once on ``x~0``
 [ours] or every ``mask_recompute_every`` steps on the current images; Adam on
 ``L = CE(T(A(x~)), y) + alpha_bn * L_bn`` with ``M`` applied to the optimiser's UPDATE (Adam is
@@ -64,7 +64,7 @@ class NRRDDConfig(RefineConfig, PatchSelectionConfig):
 
 @register_method("nrrdd")
 class NRRDD(PatchSelectionDistiller):
-    """NRR-DD as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (SPEC 3).
+    """NRR-DD as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (METHODS.md §4).
 
     Steps: ``select_steps`` CIDD steps (``images_per_step`` real images of one class each; the
     mask is computed at the end of the last one), then ``iterations`` refinement steps per batch

@@ -1,10 +1,10 @@
-"""RDED: select and stitch realistic, teacher-easy real patches (SPEC 2) [code, RDED].
+"""RDED: select and stitch realistic, teacher-easy real patches (METHODS.md §3) [code, RDED].
 
 Per class ``c``: ``mipc`` real images, ``num_crops`` square RandomResizedCrop candidates each of
 side ``H / factor``; ``score(p) = CE(T(pad_H(p)), c)``; each image keeps its lowest-score crop; the
 class keeps the ``ipc * factor**2`` lowest; ``factor x factor`` grids are stitched (image ``j``
 holds the patches ranked ``j, j+ipc, ...``). Unlike the released code the selection is seeded.
-Soft labels come later, from the teacher (SPEC 0.4).
+Soft labels come later, from the teacher (METHODS.md §1.4).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class RDEDConfig(PatchSelectionConfig):
 
 @register_method("rded")
 class RDED(PatchSelectionDistiller):
-    """RDED as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (SPEC 2).
+    """RDED as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (METHODS.md §3).
 
     One step scores ``images_per_step`` real images of one class (a class with at most that many
     images is one step); the class's images are stitched on its last step. ``images()`` returns

@@ -1,10 +1,10 @@
-"""SRe2L recover: synthesise images from noise by matching the teacher's BN statistics (SPEC 1)
+"""SRe2L recover: synthesise images from noise by matching the teacher's BN statistics (METHODS.md §2)
 [code, SRe2L].
 
 ``x~ ~ N(0,1)`` in normalised space; Adam(lr 0.25, betas (0.5, 0.9)), cosine decay to 0 over
-``iterations``; each iteration ``L = CE(T(A(x~)), y) + r_bn * L_bn`` (SPEC 0.2) with ``A`` the
+``iterations``; each iteration ``L = CE(T(A(x~)), y) + r_bn * L_bn`` (METHODS.md §1.2) with ``A`` the
 recover augmentation, then each channel is clipped to the normalised image of [0,1]. The last
-iterate is kept. Soft labels come later, from the teacher (SPEC 0.4).
+iterate is kept. Soft labels come later, from the teacher (METHODS.md §1.4).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .common import RefineConfig, Refiner, class_labels, slot_batches, to01
 
 @dataclass(frozen=True)
 class SRe2LConfig(RefineConfig):
-    """SRe2L recover fields (SPEC 1); the Adam/batch fields are in
+    """SRe2L recover fields (METHODS.md §2); the Adam/batch fields are in
     :class:`~nrrdd_core.methods.common.RefineConfig`."""
 
     r_bn: float = param(0.01, "weight of the BN-statistics loss (1.0 for Tiny-ImageNet)",
@@ -30,7 +30,7 @@ class SRe2LConfig(RefineConfig):
 
 @register_method("sre2l")
 class SRe2L(Distiller):
-    """SRe2L recover as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (SPEC 1).
+    """SRe2L recover as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (METHODS.md §2).
 
     One step = one Adam iteration on the current batch (default: all ``len(classes) * ipc``
     images jointly [ours]; ``batch_size`` > 0 optimises batches of IPC slots mixing classes in

@@ -1,4 +1,4 @@
-"""Teachers and model builders (SPEC 0.1).
+"""Teachers and model builders (METHODS.md §1.1).
 
 - :func:`build_model` / :func:`list_models` / :func:`default_cam_layer` / :func:`get_classifier`:
   the architecture registry (``convnet_bn``, ``convnet_in``, ``resnet18_small``, ``resnet18``,

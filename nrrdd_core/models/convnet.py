@@ -1,4 +1,4 @@
-"""ConvNet-BN and ConvNet-IN (SPEC 0.1; RDED / MTT / DATM code).
+"""ConvNet-BN and ConvNet-IN (METHODS.md §1.1; RDED / MTT / DATM code).
 
 ``depth`` x [conv3x3 (pad 1) -> norm -> ReLU -> AvgPool2d(2)]; flatten; linear. The norm is
 ``BatchNorm2d`` (``convnet_bn``) or ``GroupNorm(width, width, affine=True)``, i.e. instance norm
@@ -21,7 +21,7 @@ def default_depth(image_size: int) -> int:
 
 
 class ConvNet(nn.Module):
-    """ConvNet of SPEC 0.1.
+    """ConvNet of METHODS.md §1.1.
 
     Attributes:
         features: ``nn.Sequential`` of the ``depth`` blocks; output ``(N, width, s, s)`` with

@@ -1,4 +1,4 @@
-"""Model registry: architecture name -> builder and default CAM layer (SPEC 0.1).
+"""Model registry: architecture name -> builder and default CAM layer (METHODS.md §1.1).
 
 Builders register themselves with :func:`register_model`; the built-in ones live in
 ``convnet.py``, ``resnet_cifar.py`` and ``torchvision_models.py`` and are imported on first use.
@@ -112,7 +112,7 @@ def build_model(name: str, num_classes: int, image_size: int, **kw) -> nn.Module
 
 def get_classifier(model: nn.Module) -> nn.Linear:
     """The final linear layer of ``model`` (the last ``nn.Linear`` in module order): weights
-    ``(num_classes, features)`` used by classic CAM (SPEC 3.1).
+    ``(num_classes, features)`` used by classic CAM (METHODS.md §4.1).
 
     Raises:
         ConfigError: the model has no ``nn.Linear``.

@@ -1,4 +1,4 @@
-"""torchvision-based teachers (SPEC 0.1): ResNet-18 for small inputs, and ImageNet ResNet-18,
+"""torchvision-based teachers (METHODS.md §1.1): ResNet-18 for small inputs, and ImageNet ResNet-18,
 ResNet-50 and MobileNet-V2 with optional pretrained weights.
 
 Pretrained weights come through torchvision's weights API (``IMAGENET1K_V1`` of each model),
@@ -93,7 +93,7 @@ def _imagenet_model(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
 @register_model("resnet18_small", cam_layer="layer4")
 def resnet18_small(num_classes: int, image_size: int) -> nn.Module:
     """torchvision ResNet-18 with ``conv1`` = 3x3 stride 1 pad 1 (no bias) and ``maxpool`` =
-    identity (SPEC 0.1): ``layer4`` is ``(N,512,S/8,S/8)``, 4x4 at 32 px."""
+    identity (METHODS.md §1.1): ``layer4`` is ``(N,512,S/8,S/8)``, 4x4 at 32 px."""
     import torchvision.models as tvm
 
     if image_size < 8:

@@ -1,4 +1,4 @@
-"""The squeeze step: train a teacher on a dataset's train split (SPEC 0.1 recipe, SRe2L code).
+"""The squeeze step: train a teacher on a dataset's train split (METHODS.md §1.1 recipe, SRe2L code).
 
 SGD (lr 0.1, momentum 0.9, weight decay 5e-4, batch 128), cosine decay to 0, RandomCrop(pad 4) +
 horizontal flip, cross-entropy. Trained teachers are cached under
@@ -41,7 +41,7 @@ SHIPPED_TEACHER_PATH = ASSETS_DIR / "shapes_resnet20.pt"
 
 @dataclass(frozen=True)
 class TeacherTrainConfig(ConfigBase):
-    """Teacher training recipe (SPEC 0.1, "Teacher recipe (CIFAR)" [code, SRe2L])."""
+    """Teacher training recipe (METHODS.md §1.1, "Teacher recipe (CIFAR)" [code, SRe2L])."""
 
     arch: str = param("resnet20_cifar", "teacher architecture", choices=tuple(list_models()))
     depth: int = param(0, "ConvNet depth; 0 = builder default (3 at 32 px, 4 at 64, 5 at 128)",
@@ -154,7 +154,7 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle,
                   device: torch.device | str = "auto", progress: ProgressFn | None = None,
                   should_stop: Callable[[], bool] | None = None, cache: bool = True) -> Teacher:
     """Train ``cfg.arch`` on ``bundle.train`` and return the frozen :class:`Teacher` with its
-    test accuracy (SPEC 0.1).
+    test accuracy (METHODS.md §1.1).
 
     Deterministic for a given seed and device: weights are initialised under
     ``torch.random.fork_rng`` seeded with ``cfg.seed`` (the global RNG is left as it was); shuffling
@@ -238,7 +238,7 @@ def train_teacher(cfg: TeacherTrainConfig, bundle: DatasetBundle,
     return teacher
 
 
-#: Recipe of the shipped teacher: SPEC 0.1 with batch 64 [ours] (more steps on 5,000 images).
+#: Recipe of the shipped teacher: METHODS.md §1.1 with batch 64 [ours] (more steps on 5,000 images).
 SHIPPED_CONFIG = TeacherTrainConfig(arch="resnet20_cifar", epochs=10, batch_size=64, seed=0)
 
 
