@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -102,3 +103,9 @@ class BNStatsLoss:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum_c softmax(target)_c log softmax(logits)_c`` (METHODS.md §5.3:
+    EDF's student loss against learnable label logits); both ``(B, C)``, result in nats."""
+    return -(F.softmax(target_logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()

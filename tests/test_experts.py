@@ -8,7 +8,7 @@ import torch
 from nrrdd_core.data.base import DataConfig, DatasetBundle, ImageSplit
 from nrrdd_core.dsa import DSA_STRATEGIES, dsa, dsa_apply
 from nrrdd_core.errors import CheckpointError, ConfigError
-from nrrdd_core import experts as ex
+from nrrdd_core.experts import train as ex_train
 from nrrdd_core.experts import (ExpertConfig, ExpertTrainer, ParamLayout, ZCA, load_buffer,
                                 seeded_model, train_experts)
 
@@ -89,7 +89,7 @@ def test_buffer_layout_and_cache(buffer_path, monkeypatch):
         assert not torch.equal(t[0], t[-1])
         assert 0.0 <= b.test_accs[i] <= 1.0
     assert not torch.equal(b.trajectory(0)[0], b.trajectory(1)[0])   # different inits
-    monkeypatch.setattr(ex, "ExpertTrainer", None)                    # a cache hit trains nothing
+    monkeypatch.setattr(ex_train, "ExpertTrainer", None)              # a cache hit trains nothing
     assert train_experts(ExpertConfig(**TINY), tiny_bundle(), device="cpu") == buffer_path
 
 

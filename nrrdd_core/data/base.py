@@ -7,6 +7,7 @@ mean and std of the :class:`DataConfig` (no mean/std literal appears anywhere el
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -179,3 +180,12 @@ class DatasetBundle:
         cfg = replace(self.config, class_names=tuple(self.config.class_names[i] for i in keep))
         return DatasetBundle(cut(self.train), cut(self.test), cfg,
                              tuple(self.class_map[i] for i in keep), dict(self.source))
+
+
+def dataset_identity(bundle: DatasetBundle) -> dict:
+    """What identifies a dataset for caching (expert buffers, ZCA): config, class map, split sizes
+    and a SHA-256 of the train split's images and labels."""
+    h = hashlib.sha256(bundle.train.x.contiguous().numpy().tobytes())
+    h.update(bundle.train.y.contiguous().numpy().tobytes())
+    return {"config": bundle.config.to_dict(), "class_map": list(bundle.class_map),
+            "n_train": len(bundle.train), "n_test": len(bundle.test), "train_sha256": h.hexdigest()}
