@@ -29,6 +29,7 @@ from ..dsa import DSA_STRATEGIES, check_strategies, dsa
 from ..errors import ConfigError, ResourceError, TeacherMismatchError
 from ..experts import (MANIFEST, ExpertBuffer, ExpertConfig, ExpertTrainer, ParamLayout, buffer_dir,
                        load_buffer, seeded_model, soft_cross_entropy)
+from ..unroll import UNROLLS, recompute_bytes, unroll_recompute
 from .base import Distiller, StepRecord, register_method
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class EDFConfig(ConfigBase):
                         source="ours", ui=False)
     memory_budget_mb: float = param(0.0, "memory the unrolled graph may use; 0 = free device "
                                     "memory", unit="MiB", lo=0.0, source="ours", ui=False)
+    unroll: str = param("plain", "student unroll: plain (graph of all syn_steps kept, memory grows "
+                        "with syn_steps) or recompute (each step recomputed in the backward pass: "
+                        "same gradients, constant graph memory, about 2x the time)",
+                        choices=UNROLLS, source="ours (TESLA)")
 
     def validate(self) -> None:
         """Ranges, plus: CPD alpha < 1, T- < T <= T+, valid DSA strategies and CAM method.
@@ -255,8 +260,11 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
 
 
 def estimate_unroll_bytes(net: nn.Module, layout: ParamLayout, image_size: int, num_classes: int,
-                          syn_steps: int, batch_syn: int) -> dict:
-    """Memory estimate of one outer iteration (METHODS.md §5.7): linear in ``syn_steps x batch_syn``.
+                          syn_steps: int, batch_syn: int, unroll: str = "plain",
+                          num_images: int = 0) -> dict:
+    """Memory estimate of one outer iteration (METHODS.md §5.7): linear in ``syn_steps x batch_syn``
+    for the plain unroll; with ``unroll="recompute"`` one step's graph plus the stored iterates
+    (:func:`nrrdd_core.unroll.recompute_bytes`; ``num_images`` = N).
 
     Returns:
         ``{"bytes", "per_image_step", "per_step"}``: total bytes (graph of all unrolled steps,
@@ -268,6 +276,9 @@ def estimate_unroll_bytes(net: nn.Module, layout: ParamLayout, image_size: int, 
     per_image, per_step = max(two - one, 0), max(2 * one - two, 0)
     graph = syn_steps * (per_step + per_image * batch_syn)
     total = int(1.25 * graph + 4 * layout.numel * 4)
+    if unroll == "recompute":
+        total = recompute_bytes(per_step, per_image, batch_syn, syn_steps, layout.numel,
+                                max(num_images, batch_syn), 3 * image_size ** 2, num_classes)
     return {"bytes": total, "per_image_step": per_image, "per_step": per_step}
 
 
@@ -489,7 +500,7 @@ class EDFDistiller(Distiller):
         c, dc = self.config, self.dataset.config
         n = len(self.classes) * self.ipc
         return estimate_unroll_bytes(self.net, self.layout, dc.image_size, dc.num_classes,
-                                     c.syn_steps, min(c.batch_syn, n))
+                                     c.syn_steps, min(c.batch_syn, n), c.unroll, n)
 
     def check_memory(self) -> dict:
         """Refuse a run whose unrolled graph would not fit (METHODS.md §5.7).
@@ -508,7 +519,8 @@ class EDFDistiller(Distiller):
                 f"EDF needs about {est['bytes'] / 2**20:.0f} MiB for syn_steps={c.syn_steps} x "
                 f"batch_syn={c.batch_syn} ({est['per_image_step'] / 2**20:.2f} MiB per image-step) "
                 f"but only {avail / 2**20:.0f} MiB are available on {self.device}; lower syn_steps "
-                f"to about {fit} or batch_syn, or use a GPU with more memory")
+                f"to about {fit} or batch_syn, use unroll=recompute (constant memory), or use a "
+                f"GPU with more memory")
         log.info("EDF memory estimate %.1f MiB", est["bytes"] / 2**20)
         return est
 
@@ -520,8 +532,9 @@ class EDFDistiller(Distiller):
         t = int(torch.randint(c.min_start_epoch, upper, (1,), generator=self.generator))
         traj = b.trajectory(e)
         theta0, target = traj[t].to(self.device), traj[t + c.expert_epochs].to(self.device)
-        theta_n = unroll_student(self.net, self.layout, theta0, self.x_syn, self.y_logits,
-                                 self.syn_lr, c.syn_steps, c.batch_syn, self.generator, self.strategies)
+        unroll = unroll_student if c.unroll == "plain" else unroll_recompute
+        theta_n = unroll(self.net, self.layout, theta0, self.x_syn, self.y_logits,
+                         self.syn_lr, c.syn_steps, c.batch_syn, self.generator, self.strategies)
         loss, dropped = matching_loss(theta_n, theta0, target, c.cpd_alpha)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
