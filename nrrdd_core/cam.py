@@ -1,26 +1,34 @@
 """Class activation maps (CAM) and the masks and scores built on them.
 
-* :func:`classic_cam`: CAM of Zhou et al. 2016 (METHODS.md §4.1, NRR-DD Eq. 1), GAP or flatten classifier.
-* :func:`grad_cam`: torch-native batched Grad-CAM that stays on the device (used inside
-  optimisation loops: NRR-DD masks, EDF's DAE); equals ``pytorch_grad_cam.GradCAM``.
-* :func:`explore_cam`: every method of :data:`CAM_METHODS` (the grad-cam package's GradCAM,
-  GradCAM++, XGradCAM, ScoreCAM, LayerCAM, EigenCAM), side effects contained (for the explorer).
+One class per CAM method over the base :class:`CAM`, one verb (as pytorch-grad-cam and captum)::
+
+    CAM_cls = get_cam(name)                      # registry CAMS: name -> class (the UI lists it)
+    CAM_cls.supported_layers(teacher)            # layers the method can use
+    CAM_cls(teacher_or_model, layer).attribute(x_norm, targets)   # (N,H,W) in [0,1]
+
+* :class:`ClassicCAM` (``"cam"``): CAM of Zhou et al. 2016 (METHODS.md §4.1, NRR-DD Eq. 1), GAP
+  or flatten classifier.
+* :class:`GradCAM` (``"gradcam_torch"``): torch-native batched Grad-CAM that stays on the device
+  (used inside optimisation loops: NRR-DD masks, EDF's DAE); equals ``pytorch_grad_cam.GradCAM``.
+* :class:`PackageCAM` subclasses: the grad-cam package's GradCAM, GradCAM++, XGradCAM, ScoreCAM,
+  LayerCAM, EigenCAM, side effects contained (for the explorer).
 * :func:`noncritical_mask` (METHODS.md §4.3 Eq. 4), :func:`dae_weight` (METHODS.md §5.5),
   :func:`complexity_score` (METHODS.md §7), :func:`cam_ratio` (METHODS.md §4.2), :func:`overlay` (display).
 
 Conventions: ``x_norm`` are normalised images ``(N,3,H,W)``; ``targets`` holds one class index per
 image (int64 ``(N,)``; a single index for a whole batch is refused); CAM maps are ``(N,H,W)``
 float in [0,1], min-max normalised per image (so a threshold is relative to each image), and a
-constant map becomes all zeros. Every CAM function computes with the model in eval mode and
-restores each module's train/eval mode, each parameter's ``requires_grad`` and ``.grad``, and
-removes its hooks, also after an exception.
+constant map becomes all zeros. Every CAM computes with the model in eval mode and restores each
+module's train/eval mode, each parameter's ``requires_grad`` and ``.grad``, and removes its
+hooks, also after an exception.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import cv2
 import numpy as np
@@ -31,11 +39,6 @@ from torch import nn
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-CAM_METHODS = ("cam", "gradcam_torch", "gradcam", "gradcam++", "xgradcam", "scorecam",
-               "layercam", "eigencam")
-"""Names accepted by :func:`explore_cam` (``"cam"`` and ``"gradcam_torch"`` are ours, the rest
-the grad-cam package's classes)."""
 
 MASK_MODES = ("soft", "binary", "scaled")
 COLORMAPS = {"jet": cv2.COLORMAP_JET, "viridis": cv2.COLORMAP_VIRIDIS,
@@ -119,7 +122,7 @@ def _capture(layer: nn.Module, leaf: bool = False) -> Iterator[dict]:
         handle.remove()
 
 
-# ----------------------------------------------------------------------------- CAMs
+# ----------------------------------------------------------------------------- layers
 
 def find_classifier(model: nn.Module) -> nn.Linear:
     """The last :class:`torch.nn.Linear` of ``model`` in module order (its classifier).
@@ -134,158 +137,300 @@ def find_classifier(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def classic_cam(model: nn.Module, x_norm: torch.Tensor, targets, layer: nn.Module,
-                fc: nn.Linear | None = None) -> torch.Tensor:
+def _unwrap(model) -> tuple[nn.Module, object | None]:
+    """``(nn.Module, teacher or None)`` of a model or a :class:`~nrrdd_core.models.teacher.Teacher`."""
+    if isinstance(model, nn.Module):
+        return model, None
+    if isinstance(getattr(model, "model", None), nn.Module) and hasattr(model, "data_config"):
+        return model.model, model
+    raise ConfigError(f"a CAM needs an nn.Module or a Teacher, got {type(model).__name__}")
+
+
+@torch.no_grad()
+def layer_outputs(model, image_size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Output shape ``(K,h,w)`` of every named module of ``model`` that outputs a 4-D tensor, in
+    module order, from one forward of a seeded random batch of 2 images (modes restored).
+
+    Args:
+        model: an ``nn.Module`` or a Teacher (then ``image_size`` defaults to its data config's).
+        image_size: input side in pixels.
+
+    Raises:
+        ConfigError: no ``image_size`` for a bare module.
+    """
+    return {n: tuple(s) for n, (s, _) in _probe(model, image_size).items() if n}
+
+
+def _probe(model, image_size: int | None) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """``{name: ((K,h,w), feeds_classifier)}``: ``feeds_classifier`` when the output, average
+    pooled (GAP nets) or flattened (flatten nets), is exactly what the classifier receives."""
+    net, teacher = _unwrap(model)
+    if image_size is None:
+        if teacher is None:
+            raise ConfigError("supported_layers of a bare nn.Module needs image_size")
+        image_size = teacher.data_config.image_size
+    p = next(net.parameters(), None)
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(p.device if p is not None else "cpu")
+    outs: dict[str, torch.Tensor] = {}
+    fc_in: dict = {}
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+
+    def keep(name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                outs[name] = output.detach().clone()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in net.named_modules()]
+    if linears:
+        handles.append(linears[-1].register_forward_hook(
+            lambda m, i, o: fc_in.__setitem__("x", i[0].detach().reshape(len(i[0]), -1))))
+    try:
+        with _contained(net, freeze=False):
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    feats = fc_in.get("x")
+    out = {}
+    for name, a in outs.items():
+        feeds = False
+        if feats is not None:
+            for f in (a.mean((2, 3)), a.flatten(1)):
+                if f.shape == feats.shape and torch.allclose(f, feats, rtol=1e-4, atol=1e-5):
+                    feeds = True
+        out[name] = (tuple(a.shape[1:]), feeds)
+    return out
+
+
+# ----------------------------------------------------------------------------- CAM classes
+
+class CAM(abc.ABC):
+    """A class activation map method bound to a model and a layer (the one verb:
+    :meth:`attribute`). Subclasses implement :meth:`_attribute` (the weighting rule) and
+    :meth:`_supports` (which layers fit); the base class resolves the layer, checks the targets
+    and moves the result to the input's device.
+
+    Args:
+        model: an ``nn.Module`` taking normalised images, or a
+            :class:`~nrrdd_core.models.teacher.Teacher` (its ``model``).
+        layer: the module, its dotted name, or None (a Teacher's ``cam_layer``).
+
+    Raises:
+        ConfigError: no layer for a bare module, or no module of that name (the message lists the
+            supported ones).
+
+    Example::
+
+        cam = get_cam("gradcam_torch")(teacher).attribute(x_norm, y)   # (N,H,W) in [0,1]
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    """Display name for the UI."""
+    uses_target: ClassVar[bool] = True
+    """False for methods whose map ignores the target class (EigenCAM)."""
+
+    def __init__(self, model, layer: nn.Module | str | None = None):
+        self.model, self.teacher = _unwrap(model)
+        if layer is None:
+            if self.teacher is None:
+                raise ConfigError(f"{self.title or type(self).__name__} of a bare nn.Module needs "
+                                  "a layer")
+            layer = self.teacher.cam_layer
+        if isinstance(layer, str):
+            modules = dict(self.model.named_modules())
+            if layer not in modules:
+                size = self.teacher.data_config.image_size if self.teacher is not None else None
+                hint = f": supported layers {self.supported_layers(model)[-8:]}" if size else ""
+                raise ConfigError(f"no layer {layer!r} in the model{hint}")
+            self.layer_name, layer = layer, modules[layer]
+        else:
+            self.layer_name = next((n for n, m in self.model.named_modules() if m is layer), "?")
+        self.layer = layer
+
+    def attribute(self, x_norm: torch.Tensor, targets) -> torch.Tensor:
+        """CAMs of ``x_norm`` for ``targets``.
+
+        Args:
+            x_norm: normalised images ``(N,3,H,W)`` on the model's device (may require grad:
+                it is not touched).
+            targets: one class index per image, int ``(N,)`` (one index for a batch is refused).
+
+        Returns:
+            ``(N,H,W)`` float32 in [0,1] on ``x_norm``'s device, detached; per-image min-max
+            normalised (a constant map gives zeros).
+
+        Raises:
+            ConfigError: targets not one per image or out of range; the layer does not output a
+                ``(N,K,h,w)`` tensor or does not fit the method.
+            RuntimeError: the grad-cam package failed (package methods).
+        """
+        t = _check_targets(targets, len(x_norm), x_norm.device)
+        return self._attribute(x_norm, t).detach().float().to(x_norm.device)
+
+    @abc.abstractmethod
+    def _attribute(self, x_norm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The method's ``(N,H,W)`` map in [0,1]; ``targets`` int64 ``(N,)`` on the device."""
+
+    @classmethod
+    def supported_layers(cls, model, image_size: int | None = None) -> list[str]:
+        """Dotted names of the modules of ``model`` this method can use, in module order.
+
+        Args:
+            model: an ``nn.Module`` or a Teacher; image_size: input side (a Teacher's by default).
+        """
+        return [n for n, (shape, feeds) in _probe(model, image_size).items()
+                if n and cls._supports(shape, feeds)]
+
+    @classmethod
+    def _supports(cls, shape: tuple[int, ...], feeds_classifier: bool) -> bool:
+        """Whether a layer whose output is ``(K,h,w)`` fits (default: a spatial map, h*w > 1)."""
+        return shape[1] * shape[2] > 1
+
+
+CAMS: dict[str, type[CAM]] = {}
+"""Registry of CAM methods: name -> class (the UI lists it, configs take its names)."""
+
+
+def register_cam(cls: type[CAM]) -> type[CAM]:
+    """Class decorator adding ``cls`` to :data:`CAMS` under ``cls.name``."""
+    CAMS[cls.name] = cls
+    return cls
+
+
+def get_cam(name: str) -> type[CAM]:
+    """The CAM class registered as ``name``.
+
+    Raises:
+        ConfigError: unknown name (lists the known ones).
+    """
+    if name not in CAMS:
+        raise ConfigError(f"unknown CAM method {name!r}: choose one of {', '.join(CAMS)}")
+    return CAMS[name]
+
+
+@register_cam
+class ClassicCAM(CAM):
     """CAM (Zhou et al. 2016; METHODS.md §4.1, NRR-DD Eq. 1): ``CAM_y = sum_k W_fc[y,k] f_k``.
 
-    ``f`` = output ``(N,K,h,w)`` of ``layer``. If the classifier takes ``K`` inputs (global average
-    pooling nets) the weights are ``W_fc[y]``; if it takes ``K*h*w`` (flatten nets such as
+    ``f`` = output ``(N,K,h,w)`` of the layer. If the classifier takes ``K`` inputs (global
+    average pooling nets) the weights are ``W_fc[y]``; if it takes ``K*h*w`` (flatten nets such as
     ConvNet) the per-location decomposition ``W_fc[y].view(K,h,w)`` is used. Then ReLU, bilinear
     upsampling (``align_corners=False``) to ``(H,W)`` and per-image min-max normalisation [ours].
     The bias is left out (it does not change a normalised map). On a GAP network this equals
-    normalised Grad-CAM.
+    normalised Grad-CAM. Supported layers: those whose output, pooled or flattened, is exactly the
+    classifier's input (the last feature map), with spatial extent.
 
     Args:
-        model: classifier taking normalised images; evaluated in eval mode (modes restored).
-        x_norm: normalised images ``(N,3,H,W)`` on the model's device.
-        targets: class index per image, int ``(N,)`` (the ground-truth class).
-        layer: the module inside ``model`` whose output is the last feature map.
-        fc: the classifier (default :func:`find_classifier`).
-
-    Returns:
-        ``(N,H,W)`` float in [0,1] on ``x_norm``'s device (no autograd graph).
-
-    Raises:
-        ConfigError: targets not one per image or out of range; the classifier's input size fits
-            neither ``K`` nor ``K*h*w`` (pick the layer right before pooling / flatten); the layer
-            does not output a 4-D tensor.
+        model, layer: as :class:`CAM`. fc: the classifier (default :func:`find_classifier`).
     """
-    fc = fc if fc is not None else find_classifier(model)
-    t = _check_targets(targets, len(x_norm), x_norm.device, fc.out_features)
-    with torch.no_grad(), _contained(model, freeze=False), _capture(layer) as store:
-        model(x_norm)
-        f = store["act"]
-        n, k, h, w = f.shape
-        weight = fc.weight[t].to(f.dtype)
-        if fc.in_features == k:
-            cam = torch.einsum("nk,nkhw->nhw", weight, f)
-        elif fc.in_features == k * h * w:
-            cam = (weight.view(n, k, h, w) * f).sum(1)
-        else:
-            raise ConfigError(f"classifier takes {fc.in_features} inputs but the CAM layer gives "
-                              f"{k}x{h}x{w}: pick the layer right before pooling/flatten")
-        return _minmax(_resize(cam.clamp_min(0), tuple(x_norm.shape[-2:])))
+
+    name, title = "cam", "CAM (Zhou et al.)"
+
+    def __init__(self, model, layer: nn.Module | str | None = None, fc: nn.Linear | None = None):
+        super().__init__(model, layer)
+        self.fc = fc
+
+    @classmethod
+    def _supports(cls, shape, feeds_classifier):
+        return feeds_classifier and shape[1] * shape[2] > 1
+
+    def _attribute(self, x_norm, targets):
+        fc = self.fc if self.fc is not None else find_classifier(self.model)
+        t = _check_targets(targets, len(x_norm), x_norm.device, fc.out_features)
+        with torch.no_grad(), _contained(self.model, freeze=False), _capture(self.layer) as store:
+            self.model(x_norm)
+            f = store["act"]
+            n, k, h, w = f.shape
+            weight = fc.weight[t].to(f.dtype)
+            if fc.in_features == k:
+                cam = torch.einsum("nk,nkhw->nhw", weight, f)
+            elif fc.in_features == k * h * w:
+                cam = (weight.view(n, k, h, w) * f).sum(1)
+            else:
+                raise ConfigError(f"classifier takes {fc.in_features} inputs but the CAM layer "
+                                  f"gives {k}x{h}x{w}: pick the layer right before pooling/flatten")
+            return _minmax(_resize(cam.clamp_min(0), tuple(x_norm.shape[-2:])))
 
 
-def grad_cam(model: nn.Module, x_norm: torch.Tensor, targets, layer: nn.Module,
-             raw: bool = False) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017), batched, torch-native, on ``x_norm``'s device.
+@register_cam
+class GradCAM(CAM):
+    """Grad-CAM (Selvaraju et al. 2017), batched, torch-native, on the input's device (used inside
+    optimisation loops: NRR-DD masks, EDF's DAE).
 
-    ``w_k = mean_{i,j} d logit_y / d A_k[i,j]``, ``cam = ReLU(sum_k w_k A_k)`` with ``A = layer``
+    ``w_k = mean_{i,j} d logit_y / d A_k[i,j]``, ``cam = ReLU(sum_k w_k A_k)`` with ``A`` = layer
     output. Then, as ``pytorch_grad_cam.GradCAM``: min-max normalise per image, resize bilinearly
     (half-pixel centres, as cv2 INTER_LINEAR) to ``(H,W)``, min-max normalise again; the result
     matches the package within 1e-4. Gradients are taken w.r.t. the captured activation only
-    (``torch.autograd.grad``): no parameter ``.grad`` is filled, ``x_norm.grad`` is untouched, it
-    works for a frozen teacher and inside an outer ``torch.no_grad()``.
-
-    Args:
-        model: classifier taking normalised images; evaluated in eval mode (modes restored).
-        x_norm: normalised images ``(N,3,H,W)`` on the model's device (may require grad).
-        targets: class index per image, int ``(N,)``.
-        layer: module inside ``model`` giving ``(N,K,h,w)``.
-        raw: return the unnormalised ReLU'd map ``(N,h,w)`` instead.
-
-    Returns:
-        ``(N,H,W)`` float in [0,1] (or ``(N,h,w)`` >= 0 with ``raw``), detached, on
-        ``x_norm``'s device.
-
-    Raises:
-        ConfigError: targets not one per image or out of range; bad layer output.
+    (``torch.autograd.grad``): no parameter ``.grad`` is filled, the input's ``.grad`` is
+    untouched, it works for a frozen teacher and inside an outer ``torch.no_grad()``.
     """
-    t = _check_targets(targets, len(x_norm), x_norm.device)
-    with torch.enable_grad(), _contained(model, freeze=True), _capture(layer, leaf=True) as store:
-        logits = model(x_norm.detach())
-        t = _check_targets(t, len(x_norm), x_norm.device, logits.shape[1])
-        act = store["act"]
-        grads, = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), act)
-    cam = (grads.mean((2, 3))[:, :, None, None] * act.detach()).sum(1).clamp_min(0)
-    if raw:
-        return cam
-    return _minmax(_resize(_minmax(cam), tuple(x_norm.shape[-2:])))
+
+    name, title = "gradcam_torch", "Grad-CAM (batched, torch)"
+
+    def _attribute(self, x_norm, targets):
+        with torch.enable_grad(), _contained(self.model, freeze=True), \
+                _capture(self.layer, leaf=True) as store:
+            logits = self.model(x_norm.detach())
+            t = _check_targets(targets, len(x_norm), x_norm.device, logits.shape[1])
+            act = store["act"]
+            grads, = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), act)
+        cam = (grads.mean((2, 3))[:, :, None, None] * act.detach()).sum(1).clamp_min(0)
+        return _minmax(_resize(_minmax(cam), tuple(x_norm.shape[-2:])))
 
 
-def _package_class(method: str):
-    import pytorch_grad_cam as pgc
+class PackageCAM(CAM):
+    """A method of the grad-cam package (``pytorch_grad_cam``), side effects contained.
 
-    return {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
-            "scorecam": pgc.ScoreCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM}[method]
-
-
-def explore_cam(method: str, model: nn.Module, x_norm: torch.Tensor, targets,
-                layer: nn.Module) -> torch.Tensor:
-    """CAM of ``method`` (one of :data:`CAM_METHODS`) for the explorer.
-
-    ``"cam"`` and ``"gradcam_torch"`` call :func:`classic_cam` / :func:`grad_cam`; the others run the
-    grad-cam package (``with Cls(model=..., target_layers=[layer])`` and one
-    ``ClassifierOutputTarget`` per image) under ``torch.enable_grad()`` on a copy of the input
-    that requires grad, with the parameters frozen for the call. The package's side effects are
-    contained: module modes, ``requires_grad`` and ``.grad`` are restored and its hooks released,
-    also after an exception. EigenCAM ignores the target class; ScoreCAM costs one forward per
-    channel per image (seconds per image on a CPU).
-
-    Args:
-        method: name in :data:`CAM_METHODS`.
-        model, x_norm, targets, layer: as :func:`grad_cam`.
-
-    Returns:
-        ``(N,H,W)`` float32 tensor in [0,1] on the CPU.
-
-    Raises:
-        ConfigError: unknown method, targets not one per image or out of range.
-        RuntimeError: the grad-cam package failed (message says which method).
+    Runs ``with Cls(model=..., target_layers=[layer])`` and one ``ClassifierOutputTarget`` per
+    image under ``torch.enable_grad()`` on a copy of the input that requires grad, with the
+    parameters frozen for the call; module modes, ``requires_grad`` and ``.grad`` are restored and
+    the package's hooks released, also after an exception. Computed on the CPU side of the
+    package (numpy), returned on the input's device.
     """
-    if method not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}: choose one of {', '.join(CAM_METHODS)}")
-    if method == "cam":
-        return classic_cam(model, x_norm, targets, layer).cpu()
-    if method == "gradcam_torch":
-        return grad_cam(model, x_norm, targets, layer).cpu()
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    t = _check_targets(targets, len(x_norm), torch.device("cpu"))
-    cls = _package_class(method)
-    with torch.enable_grad(), _contained(model, freeze=True):
-        x = x_norm.detach().clone().requires_grad_(True)
-        with cls(model=model, target_layers=[layer]) as cam:
-            try:
-                out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
-            except IndexError as exc:  # the package's __exit__ would swallow (and print) it
-                raise RuntimeError(f"{method} failed: {exc}") from exc
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).clamp_(0, 1)
+    package_class: ClassVar[str] = ""
+    """Class name in ``pytorch_grad_cam``."""
+
+    def _attribute(self, x_norm, targets):
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = getattr(pgc, self.package_class)
+        with torch.enable_grad(), _contained(self.model, freeze=True):
+            x = x_norm.detach().clone().requires_grad_(True)
+            with cls(model=self.model, target_layers=[self.layer]) as cam:
+                try:
+                    out = cam(input_tensor=x,
+                              targets=[ClassifierOutputTarget(int(c)) for c in targets.cpu()])
+                except IndexError as exc:  # the package's __exit__ would swallow (and print) it
+                    raise RuntimeError(f"{self.name} failed: {exc}") from exc
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).clamp_(0, 1)
 
 
-def teacher_cam(teacher, x_norm: torch.Tensor, targets, method: str = "cam",
-                layer: str | None = None) -> torch.Tensor:
-    """CAM of a :class:`nrrdd_core.models.teacher.Teacher` on its CAM layer (or ``layer``).
+def _package_cam(name: str, package_class: str, title: str, uses_target: bool = True,
+                 doc: str = "") -> type[CAM]:
+    cls = type(package_class, (PackageCAM,), {
+        "name": name, "title": title, "package_class": package_class, "uses_target": uses_target,
+        "__doc__": f"{title}: ``pytorch_grad_cam.{package_class}`` (see :class:`PackageCAM`). {doc}",
+        "__module__": __name__})
+    return register_cam(cls)
 
-    Args:
-        teacher: the Teacher (uses ``teacher.model`` and ``teacher.layer(layer)``).
-        x_norm: normalised images ``(N,3,S,S)`` on the teacher's device.
-        targets: class index per image ``(N,)``.
-        method: name in :data:`CAM_METHODS` (default ``"cam"``, METHODS.md §4.1).
-        layer: dotted module name; default the teacher's ``cam_layer``.
 
-    Returns:
-        ``(N,S,S)`` float in [0,1] on ``x_norm``'s device.
+GradCAMPackage = _package_cam("gradcam", "GradCAM", "Grad-CAM (grad-cam package)")
+GradCAMPlusPlus = _package_cam("gradcam++", "GradCAMPlusPlus", "Grad-CAM++")
+XGradCAM = _package_cam("xgradcam", "XGradCAM", "XGrad-CAM")
+ScoreCAM = _package_cam("scorecam", "ScoreCAM", "Score-CAM",
+                        doc="One forward per channel per image (seconds per image on a CPU).")
+LayerCAM = _package_cam("layercam", "LayerCAM", "LayerCAM")
+EigenCAM = _package_cam("eigencam", "EigenCAM", "EigenCAM", uses_target=False,
+                        doc="Ignores the target class (first principal component).")
 
-    Raises:
-        ConfigError: as :func:`explore_cam`. KeyError: no such layer.
-    """
-    if method == "cam":
-        return classic_cam(teacher.model, x_norm, targets, teacher.layer(layer))
-    if method == "gradcam_torch":
-        return grad_cam(teacher.model, x_norm, targets, teacher.layer(layer))
-    return explore_cam(method, teacher.model, x_norm, targets, teacher.layer(layer)).to(x_norm.device)
+CAM_METHODS = tuple(CAMS)
+"""Names in :data:`CAMS`, in registration order (``"cam"`` and ``"gradcam_torch"`` are ours, the
+rest the grad-cam package's classes)."""
 
 
 # ----------------------------------------------------------------------------- masks and scores
@@ -322,20 +467,24 @@ def noncritical_mask(cam: torch.Tensor, tau: float, mode: str = "soft") -> torch
     return m
 
 
-def dae_weight(cam: torch.Tensor, beta: float) -> torch.Tensor:
-    """EDF's discriminative area enhancement weight (METHODS.md §5.5).
+def dae_weight(cam: torch.Tensor, beta: float, threshold: float = 0.0) -> torch.Tensor:
+    """EDF's discriminative area enhancement weight (METHODS.md §5.5; EDF code
+    ``create_soft_mask``).
 
-    ``F = 1`` where ``A < mean(A)`` of its image, else ``A + beta``; used as ``x.grad *= F``.
+    ``F = 1`` where ``A < t``, else ``A + beta``, with ``t = mean(A)`` of its image
+    (``threshold = 0``, the released default) or the fixed ``threshold`` (0.5 in some official
+    configs); used as ``x.grad *= F``.
 
     Args:
         cam: Grad-CAM-family map ``(N,H,W)`` in [0,1].
         beta: enhancement offset (1; 2 for ImageWoof).
+        threshold: 0 = per-image mean; > 0 = this fixed activation level.
 
     Returns:
         ``(N,1,H,W)`` weights >= 1 (for ``beta >= 1``), same device and dtype as ``cam``.
     """
-    mean = cam.mean((1, 2), keepdim=True)
-    return torch.where(cam < mean, torch.ones_like(cam), cam + beta)[:, None]
+    t = cam.mean((1, 2), keepdim=True) if threshold <= 0 else threshold
+    return torch.where(cam < t, torch.ones_like(cam), cam + beta)[:, None]
 
 
 def complexity_score(cam: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cam import complexity_score, teacher_cam
+from .cam import ClassicCAM, complexity_score
 from .models.teacher import Teacher
 
 
@@ -75,7 +75,7 @@ def set_metrics(teacher: Teacher, x01: torch.Tensor, labels: torch.Tensor) -> di
     finally:
         handle.remove()
     with torch.enable_grad():
-        cam = teacher_cam(teacher, x_norm, labels.to(teacher.device)).float().cpu()
+        cam = ClassicCAM(teacher).attribute(x_norm, labels.to(teacher.device)).cpu()
     return {"teacher_acc": float((probs.argmax(1) == labels).float().mean()),
             "teacher_conf": float(probs.gather(1, labels[:, None]).mean()),
             "cam_area": cam_area(cam),

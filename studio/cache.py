@@ -20,10 +20,11 @@ import torch
 
 from nrrdd_core.data import DatasetBundle, load_dataset
 from nrrdd_core.device import resolve_device
+from nrrdd_core.errors import ConfigError
 from nrrdd_core.models.teacher import Teacher
 
 from . import warm
-from .setup import DEFAULT_CLASS_CAP, Setup, current
+from .setup import DEFAULT_CLASS_CAP, Setup, current, teacher_ref
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +48,12 @@ def teacher(teacher_key: tuple) -> Teacher:
         NrrddError subclasses from the loaders (missing file, wrong kind, no network...).
     """
     kind, path, arch, device, data_key = teacher_key
-    dev = resolve_device(device)
-    if kind == "shipped":
-        from nrrdd_core.models import shipped_teacher
-        return shipped_teacher(dev)
-    if kind in ("file", "train"):  # a trained teacher is a file in the teacher cache
-        return Teacher.load(path, dev)
-    if kind == "resnet_cifar":  # public akamaster-style checkpoints: ImageNet mean/std
-        from nrrdd_core.models import akamaster_data_config, load_resnet_cifar_checkpoint
-        names = bundle(data_key).config.class_names
-        dc = akamaster_data_config() if len(names) == 10 else akamaster_data_config(names)
-        return load_resnet_cifar_checkpoint(path, arch, dc, dev)
-    if kind == "pretrained":
-        from nrrdd_core.models import pretrained_teacher
-        return pretrained_teacher(arch, dev)
-    raise ValueError(f"unknown teacher kind {kind!r}")
+    ref = teacher_ref(kind, path, arch)
+    if ref is None:
+        raise ConfigError("no teacher checkpoint yet: train one or give its path on Setup")
+    # a public CIFAR checkpoint names its logits with the dataset's classes (as the CLI does)
+    names = bundle(data_key).config.class_names if ref.takes_class_names else None
+    return ref.load(resolve_device(device), names)
 
 
 @st.cache_resource(show_spinner=False)
@@ -151,15 +143,13 @@ def cam_maps(teacher_key: tuple, method: str, layer: str, idx: tuple, _teacher: 
              _bundle: DatasetBundle) -> np.ndarray:
     """CAM maps ``(n, H, W)`` float32 in [0, 1] of training images ``idx`` for their
     ground-truth class (METHODS.md §4.1), with ``method`` from ``nrrdd_core.cam.CAM_METHODS``."""
-    from nrrdd_core.cam import explore_cam
+    from nrrdd_core.cam import get_cam
 
     x01 = _bundle.train.float01(list(idx)).to(_teacher.device)
     y = _bundle.train.y[list(idx)]
     with TEACHER_LOCK:
-        cam = explore_cam(method, _teacher.model, _teacher.data_config.normalize(x01),
-                          y.tolist(), _teacher.layer(layer))
-    cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-    return cam.astype(np.float32)
+        cam = get_cam(method)(_teacher, layer).attribute(_teacher.data_config.normalize(x01), y)
+    return cam.cpu().numpy()
 
 
 @st.cache_resource

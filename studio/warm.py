@@ -34,7 +34,7 @@ def warm() -> float:
         import importlib
         for name in FIRST:
             importlib.import_module(name)
-        from nrrdd_core.cam import explore_cam
+        from nrrdd_core.cam import ClassicCAM
         from nrrdd_core.data import load_dataset
         from nrrdd_core.device import resolve_device
         from nrrdd_core.models import shipped_teacher
@@ -44,8 +44,7 @@ def warm() -> float:
         teacher = shipped_teacher(resolve_device("auto"))  # a private copy: hooks stay local
         idx = list(range(min(WARM_BATCH, len(bundle.train))))
         x = teacher.data_config.normalize(bundle.train.float01(idx).to(teacher.device))
-        explore_cam("cam", teacher.model, x, bundle.train.y[idx].tolist(),
-                    teacher.layer(teacher.cam_layer))
+        ClassicCAM(teacher).attribute(x, bundle.train.y[idx])
         for name in LATER:
             importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server

@@ -7,10 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from nrrdd_core.cam import (CAM_METHODS, COLORMAPS, cam_ratio, classic_cam, complexity_score,
-                            dae_weight, explore_cam, find_classifier, grad_cam, noncritical_mask,
-                            overlay, teacher_cam)
+from nrrdd_core.cam import (CAM, CAM_METHODS, CAMS, COLORMAPS, ClassicCAM, GradCAM, cam_ratio,
+                            complexity_score, dae_weight, find_classifier, get_cam,
+                            layer_outputs, noncritical_mask, overlay)
 from nrrdd_core.errors import ConfigError
+
+
+def classic_cam(net, x, y, layer):
+    return ClassicCAM(net, layer).attribute(x, y)
+
+
+def grad_cam(net, x, y, layer):
+    return GradCAM(net, layer).attribute(x, y)
+
+
+def explore_cam(method, net, x, y, layer):
+    return get_cam(method)(net, layer).attribute(x, y)
 
 
 def _gap_net() -> nn.Module:
@@ -93,8 +105,6 @@ def test_grad_cam_matches_pytorch_grad_cam():
             ref = ref_cam(input_tensor=x.clone().requires_grad_(True),
                           targets=[ClassifierOutputTarget(int(c)) for c in y])
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4)
-        raw = grad_cam(net, x, y, net[layer], raw=True)
-        assert raw.shape[0] == 3 and raw.dim() == 3 and (raw >= 0).all()
 
 
 def test_no_side_effects_frozen_no_grad_and_trainable():
@@ -168,8 +178,14 @@ def test_teacher_cam_uses_teacher_layer():
                     class_names=tuple("abcde"))
     teacher = Teacher(model=net, arch="toy", data_config=dc, cam_layer="5")
     x, y = _x(2), torch.tensor([1, 2])
-    torch.testing.assert_close(teacher_cam(teacher, x, y), classic_cam(net, x, y, net[5]))
-    assert teacher_cam(teacher, x, y, method="gradcam", layer="2").shape == (2, 16, 16)
+    torch.testing.assert_close(ClassicCAM(teacher).attribute(x, y), classic_cam(net, x, y, net[5]))
+    torch.testing.assert_close(get_cam("gradcam")(teacher, "2").attribute(x, y),
+                               grad_cam(net, x, y, net[2]), atol=1e-4, rtol=0)
+    assert ClassicCAM(teacher).layer is net[5] and GradCAM(teacher, "2").layer_name == "2"
+    with pytest.raises(ConfigError, match="no layer 'nope'.*supported layers"):
+        GradCAM(teacher, "nope")
+    with pytest.raises(ConfigError, match="needs a layer"):
+        GradCAM(net)
 
 
 def test_noncritical_mask_modes():
@@ -216,3 +232,36 @@ def test_overlay():
         overlay(img, cam, colormap="rainbow")
     with pytest.raises(ConfigError):
         overlay(img, cam[:4], alpha=0.5)
+
+
+def test_registry_and_one_verb():
+    assert tuple(CAMS) == CAM_METHODS and len(CAM_METHODS) == 8
+    for name, cls in CAMS.items():
+        assert issubclass(cls, CAM) and cls.name == name and cls.title and get_cam(name) is cls
+    assert not CAMS["eigencam"].uses_target and CAMS["gradcam"].uses_target
+    with pytest.raises(ConfigError, match="unknown CAM method 'nope'"):
+        get_cam("nope")
+
+
+def test_supported_layers():
+    gap, flat = _gap_net(), _flat_net()
+    # GAP net: 0-2 give 16x16 maps, 3-5 8x8; 6 (AdaptiveAvgPool) is 1x1: no spatial extent
+    assert layer_outputs(gap, 16) == {**{str(i): (8, 16, 16) for i in range(3)},
+                                      **{str(i): (8, 8, 8) for i in range(3, 6)}, "6": (8, 1, 1)}
+    assert GradCAM.supported_layers(gap, 16) == ["0", "1", "2", "3", "4", "5"]
+    assert get_cam("layercam").supported_layers(gap, 16) == ["0", "1", "2", "3", "4", "5"]
+    # classic CAM: only the layer whose pooled output is what the classifier receives
+    # (ReLU 5; BN 4 has negative values, so its pooled output differs; the pool 6 is 1x1)
+    assert ClassicCAM.supported_layers(gap, 16) == ["5"]
+    # flatten net: the last pooled map (8x4x4 = 128 classifier inputs) only
+    assert ClassicCAM.supported_layers(flat, 16) == ["7"]
+    assert "7" in GradCAM.supported_layers(flat, 16) and "6" in GradCAM.supported_layers(flat, 16)
+    with pytest.raises(ConfigError, match="image_size"):
+        GradCAM.supported_layers(gap)
+    assert all(m.training is False for m in gap.modules()) and _hooks(gap) == 0
+    # each supported layer works; classic CAM refuses an unsupported one
+    x, y = _x(2), torch.tensor([0, 1])
+    for name in ClassicCAM.supported_layers(flat, 16):
+        assert _in_range(ClassicCAM(flat, dict(flat.named_modules())[name]).attribute(x, y))
+    with pytest.raises(ConfigError, match="pick the layer"):
+        ClassicCAM(flat, flat[6]).attribute(x, y)

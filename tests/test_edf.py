@@ -97,7 +97,7 @@ def test_plain_datm_when_alpha_and_beta_are_zero(setup, monkeypatch):
         raise AssertionError("DAE must not run at beta = 0")
 
     monkeypatch.setattr(edf_mod, "matching_loss", plain_loss)
-    monkeypatch.setattr(cam_mod, "teacher_cam", no_cam)
+    monkeypatch.setattr(cam_mod.CAM, "attribute", no_cam)
     b = run(make(setup))
     assert ref_calls == [0.0] * 4
     assert torch.equal(a.images()[0], b.images()[0])
@@ -107,7 +107,7 @@ def test_plain_datm_when_alpha_and_beta_are_zero(setup, monkeypatch):
 
 def test_dae_scales_only_gradients_above_the_mean(setup, monkeypatch):
     fixed = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(cam_mod, "teacher_cam", lambda *a, **k: fixed.clone())
+    monkeypatch.setattr(cam_mod.CAM, "attribute", lambda *a, **k: fixed.clone())
     plain = make(setup, iterations=1)
     plain.step()
     dae = make(setup, iterations=1, dae_beta=1.0)
@@ -139,11 +139,11 @@ def test_init_prefers_correct_images_then_highest_true_class_probability(caplog)
 def test_dae_cam_class(setup, monkeypatch, target):
     seen = []
 
-    def fake_cam(model, x, targets, method):
+    def fake_cam(cam, x, targets):
         seen.append(targets.clone())
         return torch.rand(len(x), 16, 16, generator=torch.Generator().manual_seed(0))
 
-    monkeypatch.setattr(cam_mod, "teacher_cam", fake_cam)
+    monkeypatch.setattr(cam_mod.CAM, "attribute", fake_cam)
     d = make(setup, iterations=2, dae_beta=1.0, dae_target=target)
     d.step()
     with torch.no_grad():                                # Y drifts to class (distilled + 1) % 3

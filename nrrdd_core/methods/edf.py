@@ -1,5 +1,5 @@
 """EDF: trajectory matching (DATM) with Common Pattern Dropout and Discriminative Area
-Enhancement (METHODS.md §5.3-4.5, 4.7).
+Enhancement (METHODS.md §5.3-5.5, 5.7).
 
 State: synthetic images ``x~ (N,3,H,W)`` (normalised pixels; ZCA-whitened when the expert
 buffer was trained with ZCA), learnable label logits ``Y (N,C)`` (C = classes of the dataset)
@@ -8,7 +8,9 @@ iteration; when no expert buffer is given and none is cached, the first steps (p
 ``"experts"``) train the buffer with :class:`~nrrdd_core.experts.ExpertConfig` defaults, one
 expert epoch per step.
 
-alpha = 0 (``cpd_alpha``) and beta = 0 (``dae_beta``) give plain DATM.
+By default EDF is EDF: CPD's alpha and DAE's interval follow the IPC as in the official configs
+(:data:`IPC_DEFAULTS`, :meth:`EDFConfig.for_ipc`) and DAE's beta is 1. Plain DATM is the explicit
+"off" setting ``cpd_alpha=0, dae_beta=0`` (:data:`DATM`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..cam import dae_weight, get_cam
 from ..configs import ConfigBase, param
 from ..device import resolve_device
 from ..dsa import DSA_STRATEGIES, check_strategies, dsa
@@ -34,11 +38,22 @@ from .base import Distiller, StepRecord, register_method
 
 log = logging.getLogger(__name__)
 
+#: Per-IPC settings of the official EDF configs (METHODS.md §5.4-5.5): published IPC ->
+#: ``(cpd_alpha, dae_interval)``. :meth:`EDFConfig.for_ipc` uses the row of IPC 1 for IPC 1, of
+#: IPC 10 for IPC 2-49 and of IPC 50 from 50 on (the in-between assignment is ours).
+IPC_DEFAULTS = {1: (0.0, 50), 10: (0.25, 100), 50: (0.375, 100)}
+
+#: Overrides that turn EDF into plain DATM (no CPD, no DAE): ``EDFConfig(**DATM)``, or
+#: ``--cpd-alpha 0 --dae-beta 0`` on the command line.
+DATM = {"cpd_alpha": 0.0, "dae_beta": 0.0}
+
 
 @dataclass(frozen=True)
 class EDFConfig(ConfigBase):
-    """EDF / DATM settings (METHODS.md §5.3-4.5). Defaults are small, for the built-in dataset on a CPU
-    (the papers use syn_steps 80, batch_syn 100+ and thousands of iterations on a GPU)."""
+    """EDF / DATM settings (METHODS.md §5.3-5.5). CPD and DAE are on by default, with the official
+    per-IPC values (``cpd_alpha=-1``, ``dae_interval=0``: resolved by :meth:`for_ipc` when a run
+    starts); :data:`DATM` switches both off. The other defaults are small, for the built-in dataset
+    on a CPU (the papers use syn_steps 80, batch_syn 100+ and thousands of iterations on a GPU)."""
 
     iterations: int = param(200, "outer iterations (one per step)", unit="steps", lo=1, source="ours")
     syn_steps: int = param(8, "student SGD steps unrolled per iteration (N_syn)", unit="steps",
@@ -61,12 +76,19 @@ class EDFConfig(ConfigBase):
                               "papers)", lo=0.0, source="code")
     max_loss: float = param(10.0, "skip the update when the matching loss exceeds this",
                             lo=0.0, lo_open=True, source="ours")
-    cpd_alpha: float = param(0.0, "CPD: fraction of parameters with the smallest errors dropped "
-                             "(0 = off; 0.25 at IPC10, 0.375 at IPC50)", lo=0.0, source="code")
-    dae_beta: float = param(0.0, "DAE: offset added to the CAM above its mean (0 = off; 1, 2 for "
-                            "ImageWoof)", lo=0.0, source="code")
-    dae_interval: int = param(10, "DAE every k iterations (50 at IPC1, 100 at IPC10)",
-                              unit="steps", lo=1, source="code")
+    cpd_alpha: float = param(-1.0, "CPD: fraction alpha of the parameters with the smallest "
+                             "errors dropped; -1 = by IPC (0 at IPC 1, 0.25 at IPC 10, 0.375 at "
+                             "IPC 50); 0 = off", lo=-1.0, hi=1.0, hi_open=True,
+                             source="code (EDF configs, loss_threshold)")
+    dae_beta: float = param(1.0, "DAE: offset beta added to the CAM at or above the threshold "
+                            "(1; 2 for ImageWoof); 0 = off", lo=0.0, source="code (EDF configs)")
+    dae_interval: int = param(0, "DAE: CAM maps recomputed every k iterations, the stored weight "
+                              "applied on every iteration; 0 = by IPC (50 at IPC 1, 100 at IPC 10 "
+                              "and 50)", unit="steps", lo=0, source="code (EDF configs)")
+    act_threshold: float = param(0.0, "DAE: CAM level from which pixels are enhanced; 0 = each "
+                                 "image's mean CAM (released default), > 0 = this fixed level "
+                                 "(0.5 in the CIFAR-10 IPC1000 and Tiny IPC50/100 configs)",
+                                 lo=0.0, hi=1.0, source="code (EDF create_soft_mask)")
     dae_target: str = param("argmax_y", "DAE CAM class: argmax of the learned label logits Y "
                             "(METHODS.md §5.5, released code) or the class each image is distilled for "
                             "(stable when weak experts make argmax Y drift)",
@@ -90,21 +112,31 @@ class EDFConfig(ConfigBase):
                         choices=UNROLLS, source="ours (TESLA)")
 
     def validate(self) -> None:
-        """Ranges, plus: CPD alpha < 1, T- < T <= T+, valid DSA strategies and CAM method.
+        """Ranges, plus: CPD alpha in [0, 1) or -1 (by IPC), T- < T <= T+, valid DSA strategies.
 
         Raises:
             ConfigError: naming the field.
         """
-        super().validate()
         if self.cpd_alpha >= 1.0:
             raise ConfigError(f"cpd_alpha={self.cpd_alpha}: CPD drops floor(alpha*P) of the P "
                               "parameter errors, so alpha >= 1 drops all of them and the loss is "
                               "0/0 (the released default 1.0 gives NaN); use 0 <= alpha < 1")
+        super().validate()
+        if self.cpd_alpha < 0 and self.cpd_alpha != -1.0:
+            raise ConfigError(f"cpd_alpha={self.cpd_alpha}: use 0 <= alpha < 1, or -1 for the "
+                              "official value of the IPC")
         if not self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch:
             raise ConfigError("start epochs must satisfy min_start_epoch < current_max_start_epoch "
                               f"<= max_start_epoch; got {self.min_start_epoch}, "
                               f"{self.current_max_start_epoch}, {self.max_start_epoch}")
         check_strategies(self.dsa_strategies.split(","))
+
+    def for_ipc(self, ipc: int) -> "EDFConfig":
+        """This config with the by-IPC settings resolved (``cpd_alpha=-1`` and ``dae_interval=0``
+        replaced by :data:`IPC_DEFAULTS`); explicit values are kept."""
+        row = IPC_DEFAULTS[1 if ipc <= 1 else 10 if ipc < 50 else 50]
+        return self.replace(cpd_alpha=row[0] if self.cpd_alpha < 0 else self.cpd_alpha,
+                            dae_interval=self.dae_interval or row[1])
 
     def upper_bound(self, it: int) -> int:
         """Exclusive upper bound of the start epoch at iteration ``it`` (0-based): rises linearly
@@ -119,11 +151,13 @@ class EDFConfig(ConfigBase):
 
 def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_syn: torch.Tensor,
                    y_logits: torch.Tensor, lr: torch.Tensor, syn_steps: int, batch_syn: int,
-                   generator: torch.Generator, strategies: tuple[str, ...] | None) -> torch.Tensor:
+                   generator: torch.Generator, strategies: tuple[str, ...] | None, *,
+                   batches: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Unroll ``syn_steps`` SGD steps of the student from ``theta0`` (METHODS.md §5.3 step 2).
 
     Each step takes the next ``batch_syn`` indices of a random permutation of the N images
-    (refilled when used up, MTT code), applies DSA (when ``strategies``), computes the soft
+    (refilled when used up, MTT code; or the given ``batches``), applies DSA (when
+    ``strategies``), computes the soft
     cross-entropy against ``softmax(y_logits)`` through ``torch.func.functional_call`` on views
     of ONE flat vector, and steps ``theta <- theta - lr * grad`` with ``create_graph=True``.
 
@@ -137,6 +171,8 @@ def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_
         syn_steps, batch_syn: N_syn and the mini-batch size (capped at N).
         generator: CPU generator for the permutations and DSA.
         strategies: DSA strategies, or None for no augmentation.
+        batches: optional ``syn_steps`` index tensors, one per step, used instead of the drawn
+            permutations (to replay fixed mini-batches, e.g. the official code's).
 
     Returns:
         ``theta_N`` ``(P,)``, differentiable with respect to ``x_syn``, ``y_logits`` and ``lr``.
@@ -145,10 +181,10 @@ def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_
     b = min(batch_syn, n)
     theta = theta0.detach().requires_grad_(True)
     chunks: list[torch.Tensor] = []
-    for _ in range(syn_steps):
-        if not chunks:
+    for step in range(syn_steps):
+        if batches is None and not chunks:
             chunks = list(torch.randperm(n, generator=generator).split(b))
-        idx = chunks.pop(0).to(x_syn.device)
+        idx = (torch.as_tensor(batches[step]) if batches is not None else chunks.pop(0)).to(x_syn.device)
         xb = x_syn[idx]
         if strategies:
             xb = dsa(xb, generator, strategies)
@@ -191,16 +227,19 @@ def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Ten
 
 def init_from_experts(logits: torch.Tensor, c: int, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which real images of class ``c`` initialise the synthetic images, and their initial label
-    logits (DATM code, METHODS.md §5.3 step 1).
+    logits (DATM / EDF code, ``pix_init="samples_predicted_correctly"``; METHODS.md §5.3 step 1).
 
-    The images the FINAL expert classifies correctly come first (highest true-class probability
-    first); when fewer than ``ipc`` are correct (weak experts) the rest are filled with the
-    misclassified images of highest true-class probability under the final expert, and a warning
-    is logged. Each chosen image's initial ``Y`` is the mean of the logits of the experts that
+    The candidates are the class's real images in the run's seeded random order over the whole
+    class. The first ``ipc`` of them that the FINAL expert (last expert, last snapshot)
+    classifies correctly are chosen, in that order (no preference for confident images). When
+    fewer than ``ipc`` are correct (weak experts) the first misclassified ones, in the same
+    order, fill the rest and a warning is logged (ours: the released code moves on to the next
+    expert). Each chosen image's initial ``Y`` is the mean of the logits of the experts that
     classify it correctly (of all experts when none does).
 
     Args:
-        logits: ``(K, n, C)`` final-expert logits of the ``n`` candidate real images of class c.
+        logits: ``(K, n, C)`` final-snapshot logits of the K experts on the ``n`` candidates, in
+            the random order.
         c: the class (an index into C).
         ipc: images to choose (capped at n).
 
@@ -208,14 +247,13 @@ def init_from_experts(logits: torch.Tensor, c: int, ipc: int) -> tuple[torch.Ten
         ``(order, y)``: ``(ipc,)`` indices into the n candidates and ``(ipc, C)`` logits.
     """
     correct = logits.argmax(2) == c                                          # (K, n)
-    prob = logits[-1].softmax(1)[:, c]                                       # (n,) in [0, 1]
-    order = torch.argsort(correct[-1].float() + prob, descending=True, stable=True)[:ipc]
+    pos = torch.arange(logits.shape[1])
+    order = torch.cat([pos[correct[-1]], pos[~correct[-1]]])[:ipc]
     n_ok = int(correct[-1].sum())
     if n_ok < len(order):
         log.warning("class %d: the final expert classifies only %d of %d real images correctly; "
-                    "also using the %d misclassified ones with the highest class-%d probability "
-                    "(the experts are weak: train them longer)", c, n_ok, logits.shape[1],
-                    len(order) - n_ok, c)
+                    "also using the first %d misclassified ones (the experts are weak: train "
+                    "them longer)", c, n_ok, logits.shape[1], len(order) - n_ok)
     w = correct[:, order].float()
     w[:, w.sum(0) == 0] = 1.0                                                # none correct: all
     return order, (logits[:, order] * w[..., None]).sum(0) / w.sum(0)[:, None]
@@ -238,7 +276,8 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
                           batch: int) -> int:
     """Bytes the autograd graph keeps for ONE unrolled student step on ``batch`` images: the
     unique storages saved for backward, counted with ``saved_tensors_hooks`` on a real CPU step
-    (exact for this architecture and image size, device independent up to allocator rounding)."""
+    (exact for this architecture and image size, device independent up to allocator rounding).
+    ``net`` itself is left where it is (a CPU copy is measured)."""
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor):
@@ -255,7 +294,7 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
     lr = torch.tensor(0.01, requires_grad=True)
     theta0 = torch.randn(layout.numel, generator=g) * 0.01
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unroll_student(net.cpu(), layout, theta0, x, y, lr, 1, batch, g, None)
+        unroll_student(copy.deepcopy(net).cpu(), layout, theta0, x, y, lr, 1, batch, g, None)
     return sum(seen.values())
 
 
@@ -286,12 +325,20 @@ def estimate_unroll_bytes(net: nn.Module, layout: ParamLayout, image_size: int, 
 
 @register_method("edf")
 class EDFDistiller(Distiller):
-    """EDF (DATM + CPD + DAE) on the step-wise Distiller protocol (METHODS.md §5.3-4.5).
+    """EDF (DATM + CPD + DAE) on the step-wise Distiller protocol (METHODS.md §5.3-5.5).
 
     The teacher is used as the CAM model of DAE (``cam_model="teacher"``) and for the
-    dataset-compatibility check; the expert buffer (``config.buffer`` or the cached
-    ``ExpertConfig()`` buffer of the dataset, trained in phase ``"experts"`` when missing)
-    defines the student architecture (ConvNet-IN).
+    dataset-compatibility check; the expert buffer (``config.buffer``, or the cached buffer of
+    ``expert_config`` on the dataset, trained in phase ``"experts"`` when missing) defines the
+    student architecture (ConvNet-IN). The config's by-IPC settings are resolved at construction
+    (:meth:`EDFConfig.for_ipc`; ``self.config`` holds the resolved values).
+
+    Args (besides the :class:`~nrrdd_core.methods.base.Distiller` ones):
+        expert_config: how to train / find the expert buffer when ``config.buffer`` is empty
+            (default :class:`~nrrdd_core.experts.ExpertConfig` defaults).
+        cam_fn: the CAM of DAE, ``cam_fn(cam_model, x_norm, targets) -> (N,h,w)`` in [0,1]
+            (``x_norm`` normalised for ``cam_model``, ``targets`` in its label space); default
+            ``get_cam(config.cam_method)(cam_model).attribute(x_norm, targets)``.
 
     Raises (at construction or on the first ``"match"`` step):
         CheckpointError: bad buffer. TeacherMismatchError: buffer trained on another class count
@@ -301,17 +348,21 @@ class EDFDistiller(Distiller):
 
     Config = EDFConfig
 
-    def __init__(self, config: EDFConfig, **kwargs):
+    def __init__(self, config: EDFConfig, *, expert_config: ExpertConfig | None = None,
+                 cam_fn: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 **kwargs):
         super().__init__(config, **kwargs)
+        self.config = cfg = config.for_ipc(self.ipc)
         for c in self.classes:
             self.require_images(c, self.ipc)
-        self.strategies = check_strategies(config.dsa_strategies.split(",")) if config.dsa else None
+        self.strategies = check_strategies(cfg.dsa_strategies.split(",")) if cfg.dsa else None
+        self.cam_fn = cam_fn or self._default_cam
         self.buffer: ExpertBuffer | None = None
         self._trainer: ExpertTrainer | None = None
-        self._expert_cfg = ExpertConfig()
+        self._expert_cfg = expert_config or ExpertConfig()
         self.expert_steps = 0
-        if config.buffer:
-            self.buffer = load_buffer(config.buffer, verify=False)
+        if cfg.buffer:
+            self.buffer = load_buffer(cfg.buffer, verify=False)
         elif (buffer_dir(self._expert_cfg, self.dataset) / MANIFEST).is_file():
             self.buffer = load_buffer(buffer_dir(self._expert_cfg, self.dataset), verify=False)
         else:
@@ -341,7 +392,8 @@ class EDFDistiller(Distiller):
         """``(N,3,H,W)`` [0,1] CPU images (ZCA inverted, denormalised, clipped) and labels
         ``(N,)``: the class each image was initialised from and is distilled for, in the
         dataset's label space (``argmax Y`` may drift to another class when the experts are weak;
-        the learned ``Y`` itself is in :meth:`export_extras`); empty before initialisation."""
+        the learned ``Y`` and the unclipped float images are in :meth:`export_extras`); empty
+        before initialisation."""
         if self.x_syn is None:
             s = self.dataset.config.image_size
             return torch.zeros(0, 3, s, s), torch.zeros(0, dtype=torch.long)
@@ -349,25 +401,30 @@ class EDFDistiller(Distiller):
 
     def views(self) -> dict[str, torch.Tensor]:
         """``initial``, ``change`` (views), ``logits`` ``(N,C)`` (learned Y), ``lr`` ``(1,)``
-        (learned eta) and, after a DAE step, ``mask`` ``(N,1,H,W)`` = DAE weight / its maximum."""
+        (learned eta) and, once DAE has run, ``mask`` ``(N,1,H,W)`` = DAE weight / its maximum."""
         if self.x_syn is None:
             return {}
         now = self._to01(self.x_syn.detach())
         out = {"initial": self.initial, "change": (now - self.initial).abs().mean(1),
                "logits": self.y_logits.detach().cpu(), "lr": self.syn_lr.detach().cpu().view(1)}
         if self.dae_map is not None:
-            out["mask"] = self.dae_map / self.dae_map.amax((1, 2, 3), keepdim=True)
+            m = self.dae_map.cpu()
+            out["mask"] = m / m.amax((1, 2, 3), keepdim=True)
         return out
 
     def export_extras(self) -> dict:
         """What the EDF protocol (METHODS.md §5.6) needs besides the images, stored with a saved run:
-        the learned ``label_logits`` ``(N,C)`` float32 (C = the dataset's classes, image order),
-        the learned student lr ``syn_lr`` (float), the ConvNet-IN ``arch_kwargs`` of the expert
-        buffer and the buffer's ``zca_eps`` (None without ZCA). Empty before initialisation."""
+        ``images_float`` ``(N,3,H,W)`` float32, the distilled images in the space they were
+        optimised in (normalised with the dataset's mean/std, ZCA-whitened when the buffer uses
+        ZCA; neither clipped nor rounded to 8 bits like the PNGs), the learned ``label_logits``
+        ``(N,C)`` float32 (C = the dataset's classes, image order), the learned student lr
+        ``syn_lr`` (float), the ConvNet-IN ``arch_kwargs`` of the expert buffer and the buffer's
+        ``zca_eps`` (None without ZCA). Empty before initialisation."""
         if self.x_syn is None:
             return {}
         zca_cfg = self.buffer.manifest["config"]
-        return {"label_logits": self.y_logits.detach().cpu().float(),
+        return {"images_float": self.x_syn.detach().cpu().float().clone(),
+                "label_logits": self.y_logits.detach().cpu().float(),
                 "syn_lr": float(self.syn_lr.detach()), "arch_kwargs": dict(self.buffer.arch_kwargs),
                 "zca_eps": zca_cfg.get("zca_eps") if zca_cfg.get("zca") else None}
 
@@ -385,7 +442,7 @@ class EDFDistiller(Distiller):
                 "x_syn": self.x_syn.detach().cpu(), "y_logits": self.y_logits.detach().cpu(),
                 "syn_lr": self.syn_lr.detach().cpu(), "initial": self.initial,
                 "labels": self.labels.cpu(), "opt": [o.state_dict() for o in self.opts],
-                "dae_map": self.dae_map}))
+                "dae_map": self.dae_map.cpu() if self.dae_map is not None else None}))
         return s
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,7 +455,8 @@ class EDFDistiller(Distiller):
                 self._load_trained_buffer()
             self._build(state["x_syn"], state["y_logits"], state["labels"], float(state["syn_lr"]))
             self.initial = state["initial"]
-            self.dae_map = state.get("dae_map")
+            dae_map = state.get("dae_map")
+            self.dae_map = dae_map.to(self.device) if dae_map is not None else None
             for o, os_ in zip(self.opts, state["opt"]):
                 o.load_state_dict(os_)
 
@@ -406,7 +464,7 @@ class EDFDistiller(Distiller):
         self._trainer = None
         self._cam_teacher = None
         if self.buffer is not None:
-            self.buffer._cache = None
+            self.buffer.release()
 
     # ---- experts phase -------------------------------------------------------------------------
     def _ensure_trainer(self) -> None:
@@ -428,25 +486,25 @@ class EDFDistiller(Distiller):
         self._trainer = None
 
     def _check_buffer(self) -> None:
-        b, dc, c = self.buffer, self.dataset.config, self.config
+        b, dc, cfg = self.buffer, self.dataset.config, self.config
         if b.num_classes != dc.num_classes or b.image_size != dc.image_size:
             raise TeacherMismatchError(
                 f"expert buffer {b.path} was trained for {b.num_classes} classes at "
                 f"{b.image_size}px, dataset has {dc.num_classes} at {dc.image_size}px")
-        if c.max_start_epoch + c.expert_epochs > b.epochs:
-            raise ConfigError(f"max_start_epoch + expert_epochs = {c.max_start_epoch + c.expert_epochs} "
+        if cfg.max_start_epoch + cfg.expert_epochs > b.epochs:
+            raise ConfigError(f"max_start_epoch + expert_epochs = {cfg.max_start_epoch + cfg.expert_epochs} "
                               f"exceeds the buffer's {b.epochs} epochs; lower max_start_epoch")
 
     # ---- initialisation ---------------------------------------------------------------------------
     def _setup(self) -> None:
+        """Initial images, label logits and lr (METHODS.md §5.3 step 1, :func:`init_from_experts`)."""
         b = self.buffer
         self._make_net()
         self.check_memory()
         finals = [b.trajectory(i)[-1] for i in range(b.num_experts)]
         xs, ys, labels = [], [], []
         for c in self.classes:
-            pool = self.real_indices(c, max(4 * self.ipc, 64))
-            x = self._prepare(self.dataset.train.float01(pool))
+            x = self._init_candidates(c, finals[-1])
             logits = torch.stack([self._logits(f, x) for f in finals])      # (K, n, C)
             order, y0 = init_from_experts(logits, c, self.ipc)
             ys.append(y0)
@@ -455,6 +513,20 @@ class EDFDistiller(Distiller):
         lr0 = self.config.lr_teacher or float(b.manifest["config"]["lr"])
         self._build(torch.cat(xs), torch.cat(ys), torch.cat(labels), lr0)
         self.initial = self._to01(self.x_syn.detach())
+
+    def _init_candidates(self, c: int, final: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Real images of class ``c`` (normalised, ZCA-whitened when the buffer is) in a seeded
+        random order over the whole class, read in chunks of ``chunk`` until the final expert
+        ``final`` ``(P,)`` classifies ``ipc`` of them correctly (all of them if it never does):
+        the candidates of :func:`init_from_experts`, ``(n,3,H,W)``."""
+        idx = self.real_indices(c, len(self.dataset.train.indices_of(c)))
+        xs, n_ok = [], 0
+        for i in range(0, len(idx), chunk):
+            xs.append(self._prepare(self.dataset.train.float01(idx[i:i + chunk])))
+            n_ok += int((self._logits(final, xs[-1]).argmax(1) == c).sum())
+            if n_ok >= self.ipc:
+                break
+        return torch.cat(xs)
 
     @torch.no_grad()
     def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -473,16 +545,20 @@ class EDFDistiller(Distiller):
                                        f"{b.arch_kwargs} has {self.layout.numel}")
 
     def _build(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+        """Set the learnable state: images ``x`` ``(N,3,H,W)`` (normalised, ZCA space), label
+        logits ``y`` ``(N,C)``, the distilled classes ``labels`` ``(N,)`` and the student lr,
+        with fresh optimisers (METHODS.md §5.3 step 4)."""
         if not hasattr(self, "net"):
             self._make_net()
-        c = self.config
+        cfg = self.config
         self.x_syn = x.to(self.device).clone().requires_grad_(True)
         self.y_logits = y.to(self.device).clone().requires_grad_(True)
         self.syn_lr = torch.tensor(float(lr), device=self.device, requires_grad=True)
         self.labels = labels
-        self.opts = [torch.optim.SGD([self.x_syn], lr=c.lr_img, momentum=0.5),
-                     torch.optim.SGD([self.syn_lr], lr=c.lr_lr, momentum=0.5),
-                     torch.optim.SGD([self.y_logits], lr=c.lr_y, momentum=0.9)]
+        self.dae_map = None
+        self.opts = [torch.optim.SGD([self.x_syn], lr=cfg.lr_img, momentum=0.5),
+                     torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.5),
+                     torch.optim.SGD([self.y_logits], lr=cfg.lr_y, momentum=0.9)]
 
     def _prepare(self, x01: torch.Tensor) -> torch.Tensor:
         x = self.dataset.config.normalize(x01)
@@ -497,10 +573,10 @@ class EDFDistiller(Distiller):
     # ---- memory ---------------------------------------------------------------------------------
     def memory_estimate(self) -> dict:
         """:func:`estimate_unroll_bytes` for this run (``batch_syn`` capped at N)."""
-        c, dc = self.config, self.dataset.config
+        cfg, dc = self.config, self.dataset.config
         n = len(self.classes) * self.ipc
         return estimate_unroll_bytes(self.net, self.layout, dc.image_size, dc.num_classes,
-                                     c.syn_steps, min(c.batch_syn, n), c.unroll, n)
+                                     cfg.syn_steps, min(cfg.batch_syn, n), cfg.unroll, n)
 
     def check_memory(self) -> dict:
         """Refuse a run whose unrolled graph would not fit (METHODS.md §5.7).
@@ -510,14 +586,13 @@ class EDFDistiller(Distiller):
                 the estimate and a suggested ``syn_steps``.
         """
         est = self.memory_estimate()
-        self.net.to(self.device)
-        c = self.config
-        avail = int(c.memory_budget_mb * 2**20) if c.memory_budget_mb > 0 else _mem_available(self.device)
+        cfg = self.config
+        avail = int(cfg.memory_budget_mb * 2**20) if cfg.memory_budget_mb > 0 else _mem_available(self.device)
         if avail is not None and est["bytes"] > avail:
-            fit = max(1, int(c.syn_steps * avail / est["bytes"]))
+            fit = max(1, int(cfg.syn_steps * avail / est["bytes"]))
             raise ResourceError(
-                f"EDF needs about {est['bytes'] / 2**20:.0f} MiB for syn_steps={c.syn_steps} x "
-                f"batch_syn={c.batch_syn} ({est['per_image_step'] / 2**20:.2f} MiB per image-step) "
+                f"EDF needs about {est['bytes'] / 2**20:.0f} MiB for syn_steps={cfg.syn_steps} x "
+                f"batch_syn={cfg.batch_syn} ({est['per_image_step'] / 2**20:.2f} MiB per image-step) "
                 f"but only {avail / 2**20:.0f} MiB are available on {self.device}; lower syn_steps "
                 f"to about {fit} or batch_syn, use unroll=recompute (constant memory), or use a "
                 f"GPU with more memory")
@@ -526,38 +601,68 @@ class EDFDistiller(Distiller):
 
     # ---- one outer iteration ----------------------------------------------------------------------
     def _match_step(self, it: int) -> StepRecord:
-        c, b = self.config, self.buffer
-        upper = c.upper_bound(it)
+        cfg, b = self.config, self.buffer
+        upper = cfg.upper_bound(it)
         e = int(torch.randint(b.num_experts, (1,), generator=self.generator))
-        t = int(torch.randint(c.min_start_epoch, upper, (1,), generator=self.generator))
+        t = int(torch.randint(cfg.min_start_epoch, upper, (1,), generator=self.generator))
         traj = b.trajectory(e)
-        theta0, target = traj[t].to(self.device), traj[t + c.expert_epochs].to(self.device)
-        unroll = unroll_student if c.unroll == "plain" else unroll_recompute
-        theta_n = unroll(self.net, self.layout, theta0, self.x_syn, self.y_logits,
-                         self.syn_lr, c.syn_steps, c.batch_syn, self.generator, self.strategies)
-        loss, dropped = matching_loss(theta_n, theta0, target, c.cpd_alpha)
+        rec = self.match_iteration(it, traj[t], traj[t + cfg.expert_epochs])
+        rec.info = {"expert": e, "start_epoch": t, "upper_bound": upper, **rec.info}
+        return rec
+
+    def match_iteration(self, it: int, theta0: torch.Tensor, target: torch.Tensor,
+                        batches: Sequence[torch.Tensor] | None = None) -> StepRecord:
+        """One outer iteration from the expert snapshots ``theta0`` (epoch t) and ``target``
+        (epoch t+M), both ``(P,)`` (METHODS.md §5.3 steps 2-4, §5.4, §5.5).
+
+        Unrolls the student (:func:`unroll_student`, or the constant-memory unroll), computes the
+        CPD matching loss (:func:`matching_loss`, ``cpd_alpha``) and backpropagates it. DAE
+        (``dae_beta > 0``): the CAM maps are recomputed when ``it % dae_interval == 0`` (or when
+        there are none yet) and the stored weight ``F`` multiplies the image gradient on EVERY
+        iteration (released code). Then the three SGD steps, unless the loss exceeds
+        ``max_loss``. ``batches`` replays fixed mini-batches (plain unroll only).
+
+        Returns:
+            the :class:`StepRecord` (``losses["match"]``; ``info``: lr, dropped, dae (weight
+            applied), dae_recomputed, skipped).
+
+        Raises:
+            NonFiniteLossError: NaN/inf loss. ConfigError: ``batches`` with the recompute unroll.
+        """
+        cfg = self.config
+        theta0, target = theta0.to(self.device), target.to(self.device)
+        if batches is not None and cfg.unroll != "plain":
+            raise ConfigError("fixed mini-batches need unroll=plain")
+        args = (self.net, self.layout, theta0, self.x_syn, self.y_logits, self.syn_lr,
+                cfg.syn_steps, cfg.batch_syn, self.generator, self.strategies)
+        if cfg.unroll == "plain":
+            theta_n = unroll_student(*args, batches=batches)
+        else:
+            theta_n = unroll_recompute(*args)
+        loss, dropped = matching_loss(theta_n, theta0, target, cfg.cpd_alpha)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
         losses = self.check_finite({"match": loss})
-        info = {"expert": e, "start_epoch": t, "upper_bound": upper, "lr": float(self.syn_lr.detach()),
-                "dropped": dropped, "dae": False}
-        if c.dae_beta > 0 and it % c.dae_interval == 0:
-            self.dae_map = self._dae_weight().cpu()
-            self.x_syn.grad.mul_(self.dae_map.to(self.device))
+        info = {"lr": float(self.syn_lr.detach()), "dropped": dropped, "dae": False,
+                "dae_recomputed": False}
+        if cfg.dae_beta > 0:
+            if self.dae_map is None or it % cfg.dae_interval == 0:
+                self.dae_map = self._dae_weight()
+                info["dae_recomputed"] = True
+            self.x_syn.grad.mul_(self.dae_map)
             info["dae"] = True
-        info["skipped"] = losses["match"] > c.max_loss
+        info["skipped"] = losses["match"] > cfg.max_loss
         if not info["skipped"]:
             for o in self.opts:
                 o.step()
         return StepRecord(0, 0, "match", losses=losses, info=info)
 
     def _dae_weight(self) -> torch.Tensor:
-        """DAE weight ``(N,1,H,W)`` (METHODS.md §5.5) of the current images under the CAM model, class
-        ``argmax Y`` (``dae_target="argmax_y"``) or the distilled class (``"distilled_class"``),
-        in the dataset's label space, mapped to the CAM model's label space."""
-        from ..cam import dae_weight, teacher_cam
-
+        """DAE weight ``(N,1,H,W)`` on the run's device (METHODS.md §5.5) of the current images
+        under the CAM model, class ``argmax Y`` (``dae_target="argmax_y"``) or the distilled class
+        (``"distilled_class"``), in the dataset's label space, mapped to the CAM model's label
+        space; threshold ``act_threshold`` (0 = per-image mean)."""
         x = self._unwhiten(self.x_syn.detach())
         if self.config.dae_target == "argmax_y":
             targets = self.y_logits.detach().argmax(1)
@@ -571,12 +676,17 @@ class EDFDistiller(Distiller):
             s = cam_t.data_config.image_size
             x = cam_t.data_config.normalize(self.dataset.config.denormalize(x))
             x = nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-        cam = teacher_cam(cam_t, x.to(cam_t.device), targets.to(cam_t.device), method=self.config.cam_method)
+        cam = self.cam_fn(cam_t, x.to(cam_t.device), targets.to(cam_t.device))
         h = self.dataset.config.image_size
         if cam.shape[-1] != h:
             cam = nn.functional.interpolate(cam[:, None], size=(h, h), mode="bilinear",
                                             align_corners=False)[:, 0]
-        return dae_weight(cam.float().to(self.device), self.config.dae_beta)
+        return dae_weight(cam.float().to(self.device), self.config.dae_beta,
+                          self.config.act_threshold)
+
+    def _default_cam(self, cam_model, x_norm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``config.cam_method`` of :mod:`nrrdd_core.cam` on ``cam_model``'s CAM layer."""
+        return get_cam(self.config.cam_method)(cam_model).attribute(x_norm, targets)
 
     def _imagenet_cam_model(self):
         if self._cam_teacher is None:

@@ -2,16 +2,20 @@
 
 Phase ``"cidd"`` (METHODS.md §4.2) [paper]: for each real image of class ``c`` its CAM on the full image
 (METHODS.md §4.1); RDED's candidate boxes; per image the ``top_t`` boxes by CAM ratio
-``sum_box C / sum C``; those patches scored by the teacher's confidence ``softmax(T(pad_H(p)))_c``;
-the ``ipc * factor**2`` LOWEST-confidence (hardest) patches (``select="highest"``: the most
-confident, paper appendix C) stitched as RDED into ``x~0``.
+``sum_box C / sum C``; those patches scored by the teacher's confidence (``confidence=
+"true_class"``: ``softmax(T(pad_H(p)))_c``; ``"max_prob"``: ``max_k softmax(T(pad_H(p)))_k``, the
+paper's "highest prediction probability"); the ``ipc * factor**2`` LOWEST-confidence (hardest)
+patches (``select="highest"``: the most confident, paper appendix C) stitched as RDED into ``x~0``.
 
 Phase ``"refine"`` (METHODS.md §4.3, Eq. 2-5): ``M = noncritical_mask(CAM(x~0), tau, mask_mode)``
 (``max(0, tau - C)`` by default; critical pixels ``C >= tau`` frozen), computed once on ``x~0``
 [ours] or every ``mask_recompute_every`` steps on the current images; Adam on
 ``L = CE(T(A(x~)), y) + alpha_bn * L_bn`` with ``M`` applied to the optimiser's UPDATE (Adam is
-invariant to a per-pixel gradient scale), then clipping to the valid pixel range. The paper's
-code is not available; every [ours] choice is a field.
+invariant to a per-pixel gradient scale), then clipping to the valid pixel range. With
+``label_refine_weight > 0`` the loss adds the label-refinement term reconstructed from the paper's
+words for Eq. 11-12 (METHODS.md §4.5): CutMix pairs of the refined images and ask the teacher's
+prediction on the mixed image to concentrate on its two classes (:func:`label_refine_loss`). The
+paper's code is not available; every [ours] choice is a field.
 """
 
 from __future__ import annotations
@@ -21,12 +25,50 @@ from typing import ClassVar
 
 import torch
 
-from ..cam import cam_ratio, noncritical_mask, teacher_cam
+import torch.nn.functional as F
+
+from ..augment import cutmix
+from ..cam import cam_ratio, get_cam, noncritical_mask
 from ..configs import param
 from ..errors import ConfigError
 from .base import StepRecord, register_method
-from .common import (PatchSelectionConfig, PatchSelectionDistiller, RefineConfig, Refiner,
-                     cpu_copy, crop_patches, patch_cross_entropy, slot_batches, to01)
+from .common import (CONFIDENCES, PatchSelectionConfig, PatchSelectionDistiller, RefineConfig,
+                     Refiner, cpu_copy, crop_patches, patch_log_confidence, slot_batches, to01)
+
+#: forms of the label-refinement term (METHODS.md §4.5)
+LABEL_REFINE_FORMS = ("two_class", "mixed_ce")
+
+
+def label_refine_loss(teacher, x_norm: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                      form: str = "two_class") -> tuple[torch.Tensor, dict[str, float]]:
+    """NRR-DD's label-refinement term, reconstructed from the paper's words for Eq. 11-12
+    (METHODS.md §4.5): the teacher's prediction on a mixed refined image should concentrate on the
+    two classes mixed into it.
+
+    CutMix (:func:`nrrdd_core.augment.cutmix`, ``lam ~ Beta(1,1)``, partner ``pi``) of the batch,
+    ``p = softmax(T(x_mix))``; ``"two_class"``: ``mean(-log(p_y + p_{y_pi}))`` (``-log p_y`` when
+    both images have the same class) [paper words]; ``"mixed_ce"``: the soft cross-entropy to
+    ``lam' e_y + (1 - lam') e_{y_pi}`` with ``lam'`` the true pixel fraction [ours: also fixes the
+    split between the two classes].
+
+    Args:
+        teacher: frozen teacher. x_norm: ``(B,3,H,W)`` normalised images (differentiable).
+        y: ``(B,)`` int64 labels. generator: CPU generator (box, partner, lam).
+        form: one of :data:`LABEL_REFINE_FORMS`.
+
+    Returns:
+        ``(loss, {"two_class_mass": mean p_y + p_{y_pi}})``; ``loss`` a differentiable scalar in nats.
+    """
+    x_mix, perm, lam, _ = cutmix(x_norm, generator)
+    logp = F.log_softmax(teacher(x_mix).float(), 1)
+    y2 = y[perm.to(y.device)]
+    la, lb = logp.gather(1, y[:, None])[:, 0], logp.gather(1, y2[:, None])[:, 0]
+    mass = torch.where(y == y2, la, torch.logaddexp(la, lb))
+    if form == "two_class":
+        loss = -mass.mean()
+    else:
+        loss = -(lam * la + (1.0 - lam) * lb).mean()
+    return loss, {"two_class_mass": float(mass.detach().exp().mean())}
 
 
 @dataclass(frozen=True)
@@ -44,6 +86,19 @@ class NRRDDConfig(RefineConfig, PatchSelectionConfig):
                        lo=1, source="ours")
     select: str = param("lowest", "keep the lowest-confidence (hardest) or highest-confidence "
                         "patches", choices=("lowest", "highest"), source="paper (appendix C)")
+    confidence: str = param("true_class", "CIDD confidence of a patch: the teacher's probability "
+                            "of its own class (true_class) or its highest probability over all "
+                            "classes (max_prob, the paper's wording)", choices=CONFIDENCES,
+                            source="paper (CIDD: 'the highest prediction probability') / ours")
+    label_refine_weight: float = param(0.0, "weight of the label-refinement term: the teacher's "
+                                       "prediction on a CutMix of two refined images should "
+                                       "concentrate on their two classes (0 = off)", unit="1",
+                                       lo=0.0, source="paper (Eq. 11-12, reconstructed from the "
+                                       "text)")
+    label_refine_form: str = param("two_class", "label-refinement term: -log(p_a + p_b) "
+                                   "(two_class) or CE to the mixed label (mixed_ce)",
+                                   choices=LABEL_REFINE_FORMS,
+                                   source="paper (Eq. 11-12 text) / ours (mixed_ce)")
     cam_method: str = param("cam", "CAM used for selection and the mask (cam = Zhou et al., "
                             "gradcam_torch = batched Grad-CAM)", choices=("cam", "gradcam_torch"),
                             source="paper (CAM)")
@@ -95,8 +150,7 @@ class NRRDD(PatchSelectionDistiller):
         return self.select_steps + batches * self.config.iterations
 
     def _cam(self, x_norm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return teacher_cam(self.teacher, x_norm, targets.to(self.device),
-                           method=self.config.cam_method).detach()
+        return get_cam(self.config.cam_method)(self.teacher).attribute(x_norm, targets.to(self.device))
 
     def _mask(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cam = self._cam(x_norm, self.labels)
@@ -110,17 +164,26 @@ class NRRDD(PatchSelectionDistiller):
             torch.zeros(0, m)
         top = torch.sort(ratio, dim=1, descending=True, stable=True).indices[:, :t]
         kept = torch.gather(boxes, 1, top.unsqueeze(-1).expand(n, t, 4))
-        ce = patch_cross_entropy(self.teacher, crop_patches(x_norm, kept, self.side), c)
-        key = -ce if self.config.select == "lowest" else ce
-        losses = {"ce": float(ce.mean()), "confidence": float(torch.exp(-ce).mean())} if n else {}
+        logc = patch_log_confidence(self.teacher, crop_patches(x_norm, kept, self.side), c,
+                                    self.config.confidence)
+        key = logc if self.config.select == "lowest" else -logc
+        losses = {"confidence": float(torch.exp(logc).mean())} if n else {}
         return torch.arange(n).repeat_interleave(t), kept.reshape(n * t, 4), key, losses
+
+    def _new_refiner(self, mask: torch.Tensor | None) -> Refiner:
+        cfg = self.config
+        extra = None
+        if cfg.label_refine_weight > 0:
+            def extra(x, y, g):
+                loss, terms = label_refine_loss(self.teacher, x, y, g, cfg.label_refine_form)
+                return cfg.label_refine_weight * loss, {"label_refine": loss, **terms}
+        return Refiner(self.teacher, self.x0, self.labels.to(self.device), cfg, cfg.alpha_bn,
+                       slot_batches(len(self.classes), self.ipc, cfg.batch_size), mask,
+                       extra_loss=extra)
 
     def _start_refine(self) -> None:
         self.cam0, mask = self._mask(self.x0)
-        cfg = self.config
-        self.refiner = Refiner(self.teacher, self.x0, self.labels.to(self.device), cfg,
-                               cfg.alpha_bn, slot_batches(len(self.classes), self.ipc,
-                                                          cfg.batch_size), mask)
+        self.refiner = self._new_refiner(mask)
 
     def _step(self) -> StepRecord:
         if self.step_index < self.select_steps:
@@ -162,9 +225,7 @@ class NRRDD(PatchSelectionDistiller):
         self.refiner = None
         self.cam0 = state["cam0"].to(self.device) if state.get("cam0") is not None else None
         if "refiner" in state:
-            self.refiner = Refiner(self.teacher, self.x0, self.labels.to(self.device), self.config,
-                                   self.config.alpha_bn, slot_batches(
-                                       len(self.classes), self.ipc, self.config.batch_size))
+            self.refiner = self._new_refiner(None)
             self.refiner.load_state_dict(state["refiner"])
 
     def close(self) -> None:
