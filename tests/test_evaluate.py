@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -109,6 +107,31 @@ def test_errors(bundle, teacher):
         tiny_cfg(label_mode="fuzzy")
     with pytest.raises(ConfigError):
         EvalConfig(student="no_such_net")
-    if importlib.util.find_spec("nrrdd_core.evaluate.edf") is None:
-        with pytest.raises(ConfigError):
-            evaluate_student(x, y, teacher, bundle, tiny_cfg(protocol="edf"), device="cpu")
+    with pytest.raises(ConfigError, match="takes no option"):
+        evaluate_student(x, y, teacher, bundle, tiny_cfg(), device="cpu", syn_lr=0.01)
+
+
+def test_no_weight_decay_on_biases_and_norm_weights(bundle, teacher, monkeypatch):
+    """METHODS.md §1.4: AdamW with weight decay on conv / linear weights only."""
+    made = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    x, y = random_real_subset(bundle, None, ipc=1)
+    evaluate_student(x, y, teacher, bundle, tiny_cfg(weight_decay=0.05), device="cpu")
+    opt, = made
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    student = opt.param_groups[0]["params"] + opt.param_groups[1]["params"]
+    assert len(wd) == len(student) == len({id(p) for p in student})
+    assert len(wd) == len(list(build_model("convnet_bn", K, S, width=8, depth=2).parameters()))
+    kinds = {"decay": 0, "none": 0}
+    for p in student:
+        # conv kernels (4-D) and the classifier matrix (2-D) decay; biases and BN/IN weights do not
+        want = 0.05 if p.ndim >= 2 else 0.0
+        assert wd[id(p)] == want
+        kinds["decay" if want else "none"] += 1
+    assert kinds["decay"] >= 3 and kinds["none"] >= 6
