@@ -57,3 +57,13 @@ def make_generator(seed: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
+
+
+def class_generator(seed: int, c: int) -> torch.Generator:
+    """A CPU generator for class ``c`` of a run seeded with ``seed`` (seeded from a hash of the
+    pair): a class's random draws then do not depend on which other classes are drawn before it,
+    so classes can be split over processes (:mod:`nrrdd_core.distributed`) with the same result."""
+    import hashlib
+
+    digest = hashlib.sha256(f"nrrdd-class:{int(seed)}:{int(c)}".encode()).digest()
+    return make_generator(int.from_bytes(digest[:8], "little") >> 1)
