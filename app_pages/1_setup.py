@@ -1,7 +1,5 @@
 """Setup: dataset, classes, teacher, device. Everything here is kept in the URL."""
 
-import hashlib
-
 import streamlit as st
 import torch
 
@@ -9,9 +7,8 @@ from nrrdd_core.cam import overlay
 from nrrdd_core.data import list_datasets
 from nrrdd_core.device import device_info
 from nrrdd_core.errors import NrrddError
-from nrrdd_core.io import atomic_write_bytes, cache_dir
 from nrrdd_core.models import TeacherTrainConfig, list_models, train_teacher
-from nrrdd_core.models.train import teacher_cache_path
+from nrrdd_core.models.ref import TeacherRef
 from studio import cache, jobs, settings, setup, widgets
 from studio import keys as K
 
@@ -130,7 +127,7 @@ with right:
                 j.progress(total=tcfg.epochs, message="training")
                 train_teacher(tcfg, bundle, dev, should_stop=j.should_stop,
                               progress=lambda e, n, m: j.progress(step=e, record={"epoch": e, **m}))
-                return str(teacher_cache_path(tcfg, bundle))
+                return str(TeacherRef.trained(tcfg, bundle))  # train:KEY, in the teacher cache
 
             job = jobs.start("teacher", work, {"arch": arch, "epochs": int(epochs)})
             st.session_state[K.TEACHER_JOB] = job.id
@@ -153,12 +150,8 @@ with right:
     elif kind == "file":
         up = st.file_uploader("Upload a checkpoint (.pt), loaded with weights_only=True",
                               type=["pt", "pth", "th"], key=K.UPLOAD)
-        if up is not None:
-            data = up.getvalue()
-            path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.pt"
-            if not path.exists():
-                atomic_write_bytes(path, data)
-            st.session_state[K.TEACHER_PATH] = str(path)
+        if up is not None:  # stored in the cache folder as upload:KEY (KEY: its SHA-256)
+            st.session_state[K.TEACHER_PATH] = str(TeacherRef.store_upload(up.getvalue()))
         st.text_input("…or a checkpoint path on this machine", key=K.TEACHER_PATH, **PERSIST)
     elif kind == "resnet_cifar":
         st.text_input("Checkpoint path", key=K.TEACHER_PATH,

@@ -141,41 +141,31 @@ def load_bundle(name: str, kwargs: dict, classes: list | None = None):
         raise ConfigError(f"dataset {name!r} does not take option(s) {sorted(kwargs)}: {exc}") from exc
 
 
-def _public_cifar_ref(ref: str) -> tuple[str, str] | None:
-    """``(arch, path)`` of a ``resnetNN_cifar:PATH`` teacher reference, else None."""
-    arch, sep, path = ref.partition(":")
-    return (arch, path) if sep and arch.startswith("resnet") and arch.endswith("_cifar") else None
-
-
 def teacher_ref(ref: str) -> str:
-    """``ref`` with its checkpoint path made absolute (what a run records to reload it)."""
-    if ref == "shipped":
-        return ref
-    pub = _public_cifar_ref(ref)
-    return f"{pub[0]}:{Path(pub[1]).resolve()}" if pub else str(Path(ref).resolve())
+    """``ref`` (a :class:`~nrrdd_core.models.ref.TeacherRef` text) with its checkpoint path made
+    absolute: what a run records to reload it.
+
+    Raises:
+        ConfigError: ``ref`` does not follow the teacher-reference grammar.
+    """
+    from .models.ref import TeacherRef
+
+    return str(TeacherRef.parse(ref).resolved())
 
 
 def load_teacher(ref: str, device, class_names: Sequence[str] | None = None):
-    """The teacher named by ``ref``: ``"shipped"`` (the built-in teacher), ``ARCH:PATH`` with
-    ``ARCH`` a CIFAR ResNet (``resnet20_cifar`` ... ``resnet56_cifar``) for a public
-    akamaster-format checkpoint (ImageNet mean/std, ``class_names`` or the CIFAR-10 names),
-    else a checkpoint of ours (``Teacher.load``).
+    """The teacher named by ``ref`` (:meth:`TeacherRef.parse <nrrdd_core.models.ref.TeacherRef>`
+    grammar: ``shipped``, a checkpoint path or ``file:PATH``, ``resnet20_cifar:PATH`` for a public
+    akamaster-format checkpoint (ImageNet mean/std; ``class_names`` or the CIFAR-10 names),
+    ``pretrained:ARCH``, ``train:KEY``, ``upload:KEY``).
 
     Raises:
         CheckpointError: missing or unreadable checkpoint, or weights that do not fit.
-        ConfigError: unknown architecture.
+        ConfigError: a bad reference or an unknown architecture.
     """
-    from .device import resolve_device
-    from .models import Teacher, akamaster_data_config, load_resnet_cifar_checkpoint, shipped_teacher
+    from .models.ref import TeacherRef
 
-    device = resolve_device(device)
-    if ref == "shipped":
-        return shipped_teacher(device)
-    pub = _public_cifar_ref(ref)
-    if pub:
-        dc = akamaster_data_config(tuple(class_names)) if class_names else akamaster_data_config()
-        return load_resnet_cifar_checkpoint(pub[1], pub[0], dc, device=device)
-    return Teacher.load(ref, device=device)
+    return TeacherRef.parse(ref).load(device, class_names)
 
 
 def match_teacher(bundle, teacher):
@@ -192,7 +182,9 @@ def teacher_and_bundle(ref: str, device, dataset: str, kwargs: dict):
     restricted to its classes (:func:`match_teacher`). A public checkpoint takes the dataset's
     class names, so the dataset is built first; otherwise the teacher is loaded first, so that a
     bad path fails before a dataset is built."""
-    full = load_bundle(dataset, kwargs) if _public_cifar_ref(ref) else None
+    from .models.ref import TeacherRef
+
+    full = load_bundle(dataset, kwargs) if TeacherRef.parse(ref).takes_class_names else None
     teacher = load_teacher(ref, device, full.config.class_names if full else None)
     return teacher, match_teacher(full or load_bundle(dataset, kwargs), teacher)
 
@@ -303,13 +295,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate_student
     from .export import load_run, save_eval
+    from .models.ref import TeacherRef
 
     cfg = config_from_args(EvalConfig, args)
     run = load_run(args.run_dir)
     m = run.manifest
     ds = m.get("dataset", {})
     kw = {**ds.get("args", {}), **dataset_kwargs(args)}
-    ref = teacher_ref(args.teacher) if args.teacher else m.get("teacher", {}).get("ref") or "shipped"
+    ref = teacher_ref(args.teacher) if args.teacher else str(TeacherRef.of_manifest(m))
     entry = args.dataset or ds.get("source", {}).get("dataset") or ds.get("name", "shapes")
     teacher, bundle = teacher_and_bundle(ref, args.device, entry, kw)
     classes = _classes(args.classes) or ds.get("classes")
@@ -386,9 +379,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=methods, help="distillation method")
     _add_dataset_args(p)
     p.add_argument("--ipc", type=int, default=10, help="images per class [default 10]")
-    p.add_argument("--teacher", default="shipped", help="teacher checkpoint path, 'shipped' "
-                   "(the built-in dataset's teacher) or ARCH:PATH for a public CIFAR ResNet "
-                   "checkpoint, e.g. resnet20_cifar:cifar10_resnet20_akamaster.th [default shipped]")
+    p.add_argument("--teacher", default="shipped", help="teacher reference: 'shipped' (the "
+                   "built-in dataset's teacher), a checkpoint PATH (or file:PATH), ARCH:PATH for a "
+                   "public CIFAR ResNet checkpoint (e.g. resnet20_cifar:cifar10_resnet20_akamaster"
+                   ".th), pretrained:ARCH (torchvision ImageNet), train:KEY or upload:KEY (the "
+                   "app's teacher cache) [default shipped]")
     p.add_argument("--out", help="runs root folder [default $NRRDD_RUNS or ./runs]")
     p.add_argument("--name", help="run folder name [default <method>_<dataset>_ipc<N>_s<seed>]")
     p.add_argument("--format", default="png", choices=list(FORMATS), help="image files [default png]")
@@ -401,8 +396,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="train a student on a saved run and report top-1 accuracy")
     p.add_argument("run_dir", help="run folder written by nrrdd distill")
-    p.add_argument("--teacher", help="teacher checkpoint, 'shipped' or ARCH:PATH (see distill) "
-                   "[default: the run's teacher]")
+    p.add_argument("--teacher", help="teacher reference (see distill) [default: the run's "
+                   "teacher, as its manifest records it]")
     _add_dataset_args(p, default=None)
     _common(p)
     add_config_args(p, EvalConfig)

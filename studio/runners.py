@@ -25,10 +25,10 @@ CONFIDENCE_INTERVAL = 1.0
 
 
 def teacher_ref(s: Setup) -> str:
-    """How a manifest says which teacher was used (``"shipped"`` or a checkpoint path)."""
-    if s.teacher == "shipped":
-        return "shipped"
-    return f"{s.teacher}:{s.teacher_path or s.teacher_arch}"
+    """How a manifest says which teacher was used: the text of the setup's
+    :class:`~nrrdd_core.models.ref.TeacherRef`, paths made absolute (``nrrdd evaluate RUN``
+    reloads it from there)."""
+    return str(s.teacher_ref.resolved())
 
 
 def snapshot(d, teacher: Teacher, previous: dict | None = None) -> dict:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from nrrdd_core.errors import ConfigError
+from nrrdd_core.models.ref import TeacherRef
+
 from . import keys as K
 from .settings import shapes_kwargs
 
@@ -62,6 +65,34 @@ class Setup:
     def teacher_key(self) -> tuple:
         """Cache key of the teacher (with the dataset it is checked against)."""
         return (self.teacher, self.teacher_path, self.teacher_arch, self.device, self.data_key)
+
+    @property
+    def teacher_ref(self) -> TeacherRef | None:
+        """The chosen teacher as a :class:`~nrrdd_core.models.ref.TeacherRef` (see
+        :func:`teacher_ref`)."""
+        return teacher_ref(self.teacher, self.teacher_path, self.teacher_arch)
+
+
+def teacher_ref(kind: str, path: str, arch: str) -> TeacherRef | None:
+    """The teacher reference of the Setup page's choice: ``kind`` (a key of the page's teacher
+    radio), the checkpoint field (a path, or the ``train:KEY`` / ``upload:KEY`` the page writes
+    there after training or an upload) and the architecture box. None while a kind that needs a
+    checkpoint has none yet.
+
+    Raises:
+        ConfigError: an unknown kind, or an architecture that does not fit it.
+    """
+    if kind == "shipped":
+        return TeacherRef("shipped")
+    if kind == "pretrained":
+        return TeacherRef("pretrained", arch=arch)
+    if kind not in ("train", "file", "resnet_cifar"):
+        raise ConfigError(f"unknown teacher choice {kind!r}")
+    if not path.strip():
+        return None
+    if kind == "resnet_cifar":
+        return TeacherRef("resnet_cifar", arch=arch, path=path.strip())
+    return TeacherRef.parse(path)
 
 
 def _coerce(key: str, raw: list[str]):

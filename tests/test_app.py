@@ -244,7 +244,7 @@ def test_setup_trains_a_teacher_with_progress(monkeypatch):
     at.button(key="train_start").click().run()
     poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
-    assert at.session_state["teacher_path"].endswith(".pt")
+    assert at.session_state["teacher_path"].startswith("train:")  # a TeacherRef to the cache
     assert "%" in metric(at, "Test accuracy")
 
 

@@ -98,7 +98,7 @@ def test_distill_and_evaluate_end_to_end(capsys, tmp_path, teacher_path, method)
     assert saved.labels.tolist() == [0, 5] and saved.images01.shape == (2, 3, 32, 32)
     m = saved.manifest
     assert m["method"] == method and m["seed"] == 3 and m["dataset"]["class_names"] == ["circle", "star"]
-    assert m["teacher"]["ref"] == str(teacher_path.resolve())
+    assert m["teacher"]["ref"] == f"file:{teacher_path.resolve()}"  # a TeacherRef text
     if method == "rded":  # the saved run equals a direct run with the same settings
         d = make_distiller(method, m["config"], teacher=Teacher.load(teacher_path),
                            dataset=load_dataset("shapes", train_per_class=6, test_per_class=2),

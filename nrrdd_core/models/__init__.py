@@ -11,7 +11,8 @@
 """
 
 from .registry import build_model, default_cam_layer, get_classifier, list_models, register_model
-from .resnet_cifar import akamaster_data_config, load_resnet_cifar_checkpoint
+from .resnet_cifar import (akamaster_data_config, load_resnet_cifar_checkpoint,
+                           public_checkpoint_data_config)
 from .teacher import Teacher
 from .torchvision_models import imagenet_mean_std, pretrained_teacher, weights_path
 
@@ -29,5 +30,6 @@ def __getattr__(name: str):
 
 __all__ = ["Teacher", "TeacherTrainConfig", "akamaster_data_config", "build_model",
            "default_cam_layer", "evaluate_accuracy", "get_classifier", "imagenet_mean_std",
-           "list_models", "load_resnet_cifar_checkpoint", "pretrained_teacher", "register_model",
+           "list_models", "load_resnet_cifar_checkpoint", "pretrained_teacher",
+           "public_checkpoint_data_config", "register_model",
            "shipped_teacher", "train_teacher", "weights_path"]

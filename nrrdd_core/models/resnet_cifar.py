@@ -11,6 +11,7 @@ conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU; shortcut "option A" (identity, or e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,17 @@ def akamaster_data_config(class_names: tuple[str, ...] = CIFAR10_CLASSES) -> Dat
     mean, std = imagenet_mean_std()
     return DataConfig(name="cifar10", image_size=32, mean=mean, std=std,
                       class_names=tuple(class_names))
+
+
+def public_checkpoint_data_config(dataset_class_names: Sequence[str]) -> DataConfig:
+    """The data config a public CIFAR ResNet checkpoint is loaded with, for a dataset with these
+    class names (the app and the CLI both use it, so both refuse the same datasets). A 10-class
+    dataset gets the CIFAR-10 names in standard order (the checkpoints are CIFAR-10 models), so
+    :meth:`Teacher.check_compatible` refuses a 10-class dataset with other names or another order
+    (``shapes``, a reordered class file); other class counts (a CIFAR-100 checkpoint) take the
+    dataset's names, as no public order is known for them."""
+    names = tuple(dataset_class_names)
+    return akamaster_data_config() if len(names) == len(CIFAR10_CLASSES) else akamaster_data_config(names)
 
 
 def load_resnet_cifar_checkpoint(path: str | Path, arch: str, data_config: DataConfig,

@@ -5,17 +5,19 @@ horizontal flip, cross-entropy. Trained teachers are cached under
 ``cache_dir()/teachers/<key>.pt`` where the key hashes the config and the dataset (config, class
 map, source and pixel content), so asking twice for the same teacher trains once.
 
-Run ``python -m nrrdd_core.models.train --shipped`` to regenerate the built-in dataset's teacher
-in ``assets/teachers/`` (see ``assets/README.md``).
+Run ``python -m nrrdd_core.models.train --shipped`` to regenerate the built-in dataset's teacher,
+package data in ``nrrdd_core/assets/teachers/`` (see ``nrrdd_core/assets/README.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +29,7 @@ from ..configs import ConfigBase, param
 from ..data.base import DataConfig, DatasetBundle, ImageSplit
 from ..device import make_generator, resolve_device
 from ..errors import CheckpointError, DataError, StoppedError
-from ..io import cache_dir, config_key
+from ..io import atomic_write_text, cache_dir, config_key
 from .registry import build_model, default_cam_layer, list_models
 from .teacher import Teacher
 
@@ -35,7 +37,12 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "teachers"
+#: The shipped teacher, package data of ``nrrdd_core`` (read through ``importlib.resources``, so
+#: a non-editable install keeps it), and its metadata beside it (``.json``).
+SHIPPED_TEACHER = resources.files("nrrdd_core") / "assets" / "teachers" / "shapes_resnet20.pt"
+SHIPPED_METADATA = resources.files("nrrdd_core") / "assets" / "teachers" / "shapes_resnet20.json"
+#: Where ``python -m nrrdd_core.models.train --shipped`` writes it (this source tree).
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "teachers"
 SHIPPED_TEACHER_PATH = ASSETS_DIR / "shapes_resnet20.pt"
 
 
@@ -243,17 +250,42 @@ SHIPPED_CONFIG = TeacherTrainConfig(arch="resnet20_cifar", epochs=10, batch_size
 
 
 def shipped_teacher(device: torch.device | str = "cpu") -> Teacher:
-    """The built-in ``shapes`` dataset's default teacher (ResNet-20, 32 px, 10 classes) from
-    ``assets/teachers/shapes_resnet20.pt`` (recipe in ``assets/README.md``).
+    """The built-in ``shapes`` dataset's default teacher (ResNet-20, 32 px, 10 classes): package
+    data ``nrrdd_core/assets/teachers/shapes_resnet20.pt`` read through ``importlib.resources``
+    (recipe and accuracy in ``nrrdd_core/assets/README.md`` and the ``.json`` beside it).
 
     Raises:
         CheckpointError: the file is missing or unreadable (the message gives the command that
             regenerates it).
     """
-    if not SHIPPED_TEACHER_PATH.is_file():
-        raise CheckpointError(f"shipped teacher missing at {SHIPPED_TEACHER_PATH}; regenerate it "
+    if not SHIPPED_TEACHER.is_file():
+        raise CheckpointError(f"shipped teacher missing at {SHIPPED_TEACHER}; regenerate it "
                               "with: python -m nrrdd_core.models.train --shipped")
-    return Teacher.load(SHIPPED_TEACHER_PATH, device=resolve_device(device))
+    with resources.as_file(SHIPPED_TEACHER) as path:
+        return Teacher.load(path, device=resolve_device(device))
+
+
+def shipped_metadata(path: str | Path = SHIPPED_TEACHER_PATH) -> dict:
+    """What the shipped teacher's ``.json`` records (computed from the checkpoint at ``path``):
+    architecture, data config, measured test accuracy in [0, 1], recipe, training seconds, torch
+    version, and the file's size and SHA-256 (torchvision's weights carry the same metadata)."""
+    from ..io import safe_torch_load
+
+    raw = Path(path).read_bytes()
+    obj = safe_torch_load(path)
+    extra = obj.get("extra", {})
+    return {"file": Path(path).name, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+            "kind": obj["kind"], "arch": obj["arch"], "cam_layer": obj["cam_layer"],
+            "data_config": obj["data_config"], "test_acc": obj["test_acc"],
+            "source": obj["source"], "train_config": extra.get("train_config"),
+            "train_seconds": extra.get("train_seconds"), "torch": extra.get("torch")}
+
+
+def write_shipped_metadata(path: str | Path = SHIPPED_TEACHER_PATH) -> Path:
+    """Write :func:`shipped_metadata` of ``path`` beside it as ``<stem>.json`` (atomic)."""
+    path = Path(path)
+    return atomic_write_text(path.with_suffix(".json"),
+                             json.dumps(shipped_metadata(path), indent=1) + "\n")
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -280,7 +312,8 @@ def _main(argv: list[str] | None = None) -> int:
     teacher.save(SHIPPED_TEACHER_PATH, extra={"train_config": SHIPPED_CONFIG.to_dict(),
                                               "train_seconds": seconds, "dataset": "shapes",
                                               "torch": str(torch.__version__)})
-    log.info("wrote %s: test_acc %.4f, %.0f s", SHIPPED_TEACHER_PATH, teacher.test_acc, seconds)
+    write_shipped_metadata(SHIPPED_TEACHER_PATH)
+    log.info("wrote %s (+ .json): test_acc %.4f, %.0f s", SHIPPED_TEACHER_PATH, teacher.test_acc, seconds)
     return 0
 
 
