@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,9 @@ class ConfigBase:
                 raise ConfigError(f"{f.name}={v!r} is not one of {list(m['choices'])}")
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 lo, hi = m.get("lo"), m.get("hi")
-                if v != v:  # NaN
-                    raise ConfigError(f"{f.name} is NaN")
+                if not math.isfinite(v):  # NaN or +-inf: every range is finite or open-ended
+                    raise ConfigError(f"{f.name}={v} is not a finite number; valid range "
+                                      f"{describe_range(m) or '(-inf, inf)'}")
                 if lo is not None and (v < lo or (m.get("lo_open") and v == lo)):
                     raise ConfigError(f"{f.name}={v} is out of range {describe_range(m)}")
                 if hi is not None and (v > hi or (m.get("hi_open") and v == hi)):

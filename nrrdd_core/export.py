@@ -18,7 +18,12 @@ A distilled set ("run") is a folder ``<root>/<name>/``:
 
 Loading a PNG run gives exactly ``to_float01(to_uint8(images01))`` of what was saved. The folder is
 built in a hidden temporary folder beside the target and renamed into place (``os.replace``), so a
-crash never leaves a half-written run. The default runs root is ``$NRRDD_RUNS`` or ``./runs``.
+crash never leaves a half-written run; what a killed save leaves behind (a temporary folder, an
+interrupted ``overwrite`` replace) is finished or undone by :func:`recover_runs` the next time the
+runs folder is used. :func:`reserve_run` checks the output folder and name and reserves the name
+before any work starts. Loads, zips and deletes only touch run folders directly inside the runs
+folder (:func:`run_folder`: no ``..``, no links out). The default runs root is ``$NRRDD_RUNS`` or
+``./runs``.
 """
 
 from __future__ import annotations
@@ -61,17 +66,28 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("NRRDD_RUNS", "runs"))
 
 
+#: Longest run / file name in UTF-8 bytes: file systems allow 255, and the hidden temporary
+#: folders of :func:`save_run` add a prefix and a suffix to it.
+MAX_NAME_BYTES = 200
+
+
 def check_name(name: str, what: str = "run name") -> str:
     """Return ``name`` if it is a plain folder / file name.
 
     Raises:
-        ConfigError: empty, ``.`` / ``..``, starting with ``.`` (hidden / temporary), or holding a
-            path separator.
+        ConfigError: empty, ``.`` / ``..``, starting with ``.`` (hidden / temporary), holding a
+            path separator or a NUL, or longer than :data:`MAX_NAME_BYTES` bytes in UTF-8.
     """
     if not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".") \
             or "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name) \
             or "\0" in name:
         raise ConfigError(f"invalid {what} {name!r}: use a plain name without '/', '\\' or a leading '.'")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"invalid {what} {name!r}: not valid text ({exc.reason})") from None
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(f"{what} is {size} bytes long; use at most {MAX_NAME_BYTES} bytes")
     return name
 
 
@@ -148,6 +164,171 @@ def _split_extras(extras: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, values
 
 
+# ---- the runs folder: output checks, name reservation, crash recovery ---------------------------
+_TMP, _OLD, _LOCK = ".tmp-", ".old-", ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def _owner(hidden: str) -> int | None:
+    """The process id recorded in a hidden entry name ``.NAME.tmp-PID-xyz`` / ``.NAME.old-PID-xyz``
+    (None when the name carries none, e.g. written by an older version)."""
+    for mark in (_TMP, _OLD):
+        if mark in hidden:
+            head = hidden.rsplit(mark, 1)[1].split("-", 1)[0]
+            return int(head) if head.isdigit() else None
+    return None
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def recover_runs(root: str | os.PathLike) -> list[str]:
+    """Finish or undo what a killed save left in the runs folder ``root``.
+
+    - ``.NAME.old-*`` (an ``overwrite`` replace stopped between its two renames): when ``NAME`` is
+      missing, the complete new folder (a ``.NAME.tmp-*`` holding ``manifest.json``, which is
+      written last) is put in place, else the old run is restored; the old copy is then removed.
+    - ``.NAME.tmp-*`` folders and ``.NAME.lock`` reservations of processes that are gone are
+      removed.
+
+    Entries of running processes are left alone. Returns one line per action (also logged).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    actions = []
+    hidden = sorted(p for p in root.iterdir() if p.name.startswith("."))
+
+    def gone(p: Path) -> bool:
+        pid = _owner(p.name)
+        return pid is None or not _pid_alive(pid)
+
+    olds = [p for p in hidden if _OLD in p.name and p.is_dir() and not p.is_symlink() and gone(p)]
+    for old in olds:
+        name = old.name[1:].rsplit(_OLD, 1)[0]
+        target = root / name
+        if not target.exists() and not target.is_symlink():
+            done = [t for t in hidden if t.name.startswith(f".{name}{_TMP}") and t.is_dir()
+                    and (t / MANIFEST).is_file() and gone(t)]
+            if done:
+                newest = max(done, key=lambda t: t.stat().st_mtime)
+                os.replace(newest, target)
+                actions.append(f"finished the interrupted replace of run {name}")
+            else:
+                os.replace(old, target)
+                actions.append(f"restored run {name} (its replacement was interrupted)")
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in (p for p in hidden if _TMP in p.name and p.exists() and gone(p)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        actions.append(f"removed the unfinished save {tmp.name}")
+    for lock in (p for p in hidden if p.name.endswith(_LOCK) and p.is_file()):
+        pid = _lock_owner(lock)
+        if pid is None or not _pid_alive(pid):
+            lock.unlink(missing_ok=True)
+    for a in actions:
+        log.warning("%s: %s", root, a)
+    return actions
+
+
+def check_output_dir(root: str | os.PathLike) -> Path:
+    """Make sure runs can be written under ``root`` (created if missing): it is not a file and a
+    file can be created in it.
+
+    Raises:
+        ConfigError: ``root`` (or a parent) is a file, or the folder cannot be created or written.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output folder {root} is a file: give a folder for the runs")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output folder {root}: {exc.strerror or exc}; "
+                          "give a writable folder") from None
+    return root
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Make sure a file can be written at ``path`` (e.g. a teacher checkpoint) before the work
+    that produces it starts: a plain file name of at most 255 bytes, not an existing folder, in a
+    writable folder (created if missing, :func:`check_output_dir`).
+
+    Raises:
+        ConfigError: naming the path and what is wrong.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a folder: give a file path, e.g. {path / 'x.pt'}")
+    if not path.name or path.name in (".", ".."):
+        raise ConfigError(f"output {path} names no file: give a file path")
+    if len(os.fsencode(path.name)) > 255:
+        raise ConfigError(f"output file name is {len(os.fsencode(path.name))} bytes long; file "
+                          "systems allow at most 255")
+    check_output_dir(path.parent)
+    return path
+
+
+def reserve_run(root: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
+    """Check everything a later :func:`save_run` of ``name`` needs, before the work starts, and
+    reserve the name so that a second process saving the same name is refused now, not after
+    its work: the name is valid, ``root`` is a writable folder, the run does not exist (unless
+    ``overwrite``), and no running process holds the name. Finishes interrupted saves first
+    (:func:`recover_runs`). Release with :func:`release_run` (``save_run`` does it).
+
+    Returns:
+        The run folder to be written, ``root/name``.
+
+    Raises:
+        ConfigError: bad name or output folder, the run exists, or another process is saving it.
+    """
+    check_name(name)
+    root = check_output_dir(root)
+    recover_runs(root)
+    target = root / name
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise ConfigError(f"run {target} already exists: pick another name or overwrite it")
+    lock = root / f".{name}{_LOCK}"
+    if _lock_owner(lock) == os.getpid():
+        return target
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise ConfigError(f"another process (pid {_lock_owner(lock)}) is saving run {target} "
+                          "right now: pick another name") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot reserve run name {target}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return target
+
+
+def release_run(root: str | os.PathLike, name: str) -> None:
+    """Drop this process's reservation of ``name`` (see :func:`reserve_run`); no-op otherwise."""
+    lock = Path(root) / f".{name}{_LOCK}"
+    if _lock_owner(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
 def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels: torch.Tensor,
              manifest: dict, fmt: str = "png", label_files: dict[str, str | os.PathLike] | None = None,
              overwrite: bool = False, extras: dict | None = None) -> Path:
@@ -172,7 +353,9 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
         The run folder.
 
     Raises:
-        ConfigError: bad name or format, bad extras, or the run exists and ``overwrite`` is False.
+        ConfigError: bad name or format, bad extras, an output folder that cannot be written,
+            the run exists and ``overwrite`` is False, or another process is saving that name
+            (:func:`reserve_run`; a reservation this process holds is kept).
         DataError: images and labels do not match.
     """
     check_name(name)
@@ -183,13 +366,11 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
         raise DataError(f"need images (N,3,H,W) and N labels; got {tuple(images01.shape)} and "
                         f"{tuple(labels.shape)}")
     root = Path(root)
-    target = root / name
-    if target.exists() and not overwrite:
-        raise ConfigError(f"run {target} already exists: pick another name or overwrite it")
-    root.mkdir(parents=True, exist_ok=True)
+    held = _lock_owner(root / f".{name}{_LOCK}") == os.getpid()
+    target = reserve_run(root, name, overwrite)
     u8 = to_uint8(images01.detach().cpu().float())
     labels = labels.detach().cpu().long()
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}{_TMP}{os.getpid()}-"))
     try:
         (tmp / IMAGES_DIR).mkdir()
         files, seen = [], {}
@@ -209,22 +390,30 @@ def save_run(root: str | os.PathLike, name: str, images01: torch.Tensor, labels:
                 shutil.copytree(src, tmp / rel)
             else:
                 shutil.copy2(src, tmp / rel)
-        atomic_write_json(tmp / MANIFEST, {
+        atomic_write_json(tmp / MANIFEST, {  # written last: a tmp folder with it is complete
             **manifest, "format": fmt, "images": files, "num_images": len(files),
             "image_shape": list(u8.shape[1:]), "extras": extra_values,
             "extra_tensors": {k: list(v.shape) for k, v in extra_tensors.items()},
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if target.is_symlink():
+            target.unlink()
         if target.exists():
-            trash = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old-"))
-            os.replace(target, trash / name)
+            # two renames; a crash between them is undone by recover_runs (old kept until the
+            # new run is in place)
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}{_OLD}{os.getpid()}-"))
+            os.rmdir(old)
+            os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if not held:
+            release_run(root, name)
     log.info("saved %d images to %s", len(files), target)
     return target
 
@@ -254,45 +443,104 @@ class Run:
         return self.path.name
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The parsed ``manifest.json`` of the run folder ``path``.
+def run_folder(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """``path`` checked to be a run folder directly inside the runs folder (every load, zip and
+    delete goes through here): the last component is a plain name (not ``..``, ``.`` or hidden),
+    it is not a link, and once resolved it lies directly inside ``root`` (default: the folder
+    ``path`` names as its parent).
 
     Raises:
-        DataError: not a run folder, or the manifest is unreadable.
+        DataError: any of these fails (nothing is read or deleted).
+    """
+    path = Path(path)
+    if path.name in ("", ".", "..") or path.name.startswith("."):
+        raise DataError(f"{path} is not a run folder name (a plain name inside the runs folder)")
+    if path.is_symlink():
+        raise DataError(f"{path} is a link ({os.readlink(path)}); runs are real folders inside "
+                        "the runs folder: delete the link")
+    parent = Path(root if root is not None else path.parent).resolve()
+    if path.resolve().parent != parent:
+        raise DataError(f"{path} is not inside the runs folder {parent}")
+    return path
+
+
+def _inside(run: Path, f: Path) -> Path:
+    """``f`` if it resolves to a file inside the run folder ``run`` (links pointing out refused)."""
+    try:
+        f.resolve().relative_to(run.resolve())
+    except ValueError:
+        raise DataError(f"{f} points outside the run folder {run}; the run is damaged") from None
+    return f
+
+
+def check_manifest(obj, where: str | os.PathLike = "manifest") -> dict:
+    """``obj`` if it has the shape of a run manifest: a JSON object whose ``images`` (when
+    present) is a list of names and whose ``dataset``, ``teacher``, ``config``, ``timings``,
+    ``extras`` and ``extra_tensors`` (when present) are objects.
+
+    Raises:
+        DataError: naming ``where`` and the first wrong field.
+    """
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} holds a {type(obj).__name__}, not a run manifest (a JSON "
+                        "object); the run is damaged: delete it")
+    if not isinstance(obj.get("images", []), list) or \
+            not all(isinstance(f, str) for f in obj.get("images", [])):
+        raise DataError(f"{where}: 'images' is not a list of file names; the run is damaged")
+    for key in ("dataset", "teacher", "config", "timings", "extras", "extra_tensors"):
+        if key in obj and not isinstance(obj[key], dict):
+            raise DataError(f"{where}: '{key}' is not an object; the run is damaged")
+    return obj
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The parsed and checked (:func:`check_manifest`) ``manifest.json`` of the run folder ``path``.
+
+    Raises:
+        DataError: not a run folder, or the manifest is unreadable or of the wrong shape.
     """
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise DataError(f"{path} is not a distilled-set folder (no {MANIFEST})")
+    _inside(path, mf)
     try:
-        return json.loads(mf.read_text())
+        return check_manifest(json.loads(mf.read_text()), mf)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"cannot read {mf}: {exc}") from exc
 
 
-def load_run(path: str | os.PathLike) -> Run:
-    """Load a run folder written by :func:`save_run`.
+def load_run(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:
+    """Load a run folder written by :func:`save_run` (checked by :func:`run_folder`).
 
     Raises:
-        DataError: missing folder / manifest / image, images and labels disagree, or the extra
-            tensors listed in the manifest are missing or differ in shape.
+        DataError: missing folder / manifest / image, a link out of the runs folder, images and
+            labels disagree, or the extra tensors listed in the manifest are missing or differ in
+            shape.
         CheckpointError: unreadable labels or extras file.
     """
-    path = Path(path)
+    if Path(path).name in ("", ".") and root is None:  # `nrrdd evaluate .` inside a run folder
+        path = Path(path).resolve()
+    path = run_folder(path, root)
     manifest = read_manifest(path)
-    labels = safe_torch_load(path / HARD_LABELS_FILE)
+    labels = safe_torch_load(_inside(path, path / HARD_LABELS_FILE))
     files = manifest.get("images", [])
-    if not isinstance(labels, torch.Tensor) or len(labels) != len(files) or not files:
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point() \
+            or len(labels) != len(files) or not files:
         raise DataError(f"{path}: {len(files)} images listed but labels do not match; the run is damaged")
     imgs = []
     for f in files:
-        p = path / IMAGES_DIR / check_name(f, "image file name")
+        p = _inside(path, path / IMAGES_DIR / check_name(f, "image file name"))
         try:
             with Image.open(p) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {p}: {exc}") from exc
         imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    if len({tuple(i.shape) for i in imgs}) > 1:
+        raise DataError(f"{path}: images of different sizes; the run is damaged")
     return Run(to_float01(torch.stack(imgs)), labels.long(), manifest, path,
                _load_extras(path, manifest))
 
@@ -304,7 +552,8 @@ def _load_extras(path: Path, manifest: dict) -> dict:
     shapes = manifest.get("extra_tensors") or {}
     if not shapes:
         return extras
-    tensors = safe_torch_load(path / EXTRAS_FILE) if (path / EXTRAS_FILE).is_file() else {}
+    f = _inside(path, path / EXTRAS_FILE)
+    tensors = safe_torch_load(f) if f.is_file() else {}
     for k, shape in shapes.items():
         t = tensors.get(k) if isinstance(tensors, dict) else None
         if not isinstance(t, torch.Tensor) or list(t.shape) != list(shape):
@@ -316,65 +565,130 @@ def _load_extras(path: Path, manifest: dict) -> dict:
 
 @dataclass
 class RunInfo:
-    """A run folder and its manifest (images not loaded)."""
+    """A run folder and its manifest (images not loaded); ``error`` says why a damaged run
+    cannot be used (its ``manifest`` is then ``{}``), None for a sound one."""
 
     name: str
     path: Path
     manifest: dict
+    error: str | None = None
 
 
-def list_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
-    """The runs under ``root`` (default :func:`default_runs_root`), sorted by name; folders that
-    are hidden (temporary) or have no readable manifest are skipped with a warning."""
+def list_runs(root: str | os.PathLike | None = None, damaged: bool = False) -> list[RunInfo]:
+    """The runs under ``root`` (default :func:`default_runs_root`), sorted by name. Hidden
+    (temporary) entries are skipped, and interrupted saves are finished or undone first
+    (:func:`recover_runs`). Folders with a manifest that cannot be used (unreadable, wrong shape,
+    a link) are skipped with a warning, or listed with ``error`` set when ``damaged``."""
     root = Path(root) if root is not None else default_runs_root()
     if not root.is_dir():
         return []
+    try:
+        recover_runs(root)
+    except OSError as exc:  # a read-only runs folder can still be listed
+        log.warning("cannot tidy %s: %s", root, exc)
     out = []
     for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+        if p.name.startswith(".") or not (p.is_dir() or p.is_symlink()):
             continue
+        if not p.is_symlink() and not (p / MANIFEST).exists():
+            continue  # not a run (another folder kept in the runs folder)
         try:
-            out.append(RunInfo(p.name, p, read_manifest(p)))
+            out.append(RunInfo(p.name, p, read_manifest(run_folder(p, root))))
         except DataError as exc:
             log.warning("skipping %s: %s", p, exc)
+            if damaged:
+                out.append(RunInfo(p.name, p, {}, str(exc)))
     return out
 
 
-def delete_run(path: str | os.PathLike) -> None:
-    """Delete a run folder.
+def delete_run(path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+    """Delete a run folder directly inside the runs folder ``root`` (default: ``path``'s parent
+    folder), also a damaged one. A link there is removed itself, never what it points to.
 
     Raises:
-        DataError: ``path`` is not a run folder (no manifest), so nothing is deleted.
+        DataError: ``path`` is not a run folder inside ``root`` (a ``..`` or hidden name, a folder
+            elsewhere, no ``manifest.json``), so nothing is deleted.
     """
     path = Path(path)
-    read_manifest(path)
+    try:
+        run_folder(path, root)
+    except DataError:
+        inside = path.parent.resolve() == Path(root if root is not None else path.parent).resolve()
+        if path.is_symlink() and path.name not in (".", "..") and not path.name.startswith(".") \
+                and inside:
+            path.unlink()
+            return
+        raise
+    if not (path / MANIFEST).is_file():
+        raise DataError(f"{path} is not a distilled-set folder (no {MANIFEST}); nothing deleted")
     shutil.rmtree(path)
 
 
-def zip_run(path: str | os.PathLike) -> bytes:
-    """The run folder as a zip archive (entries under ``<name>/``), in memory.
+def zip_run(path: str | os.PathLike, root: str | os.PathLike | None = None) -> bytes:
+    """The run folder as a zip archive (entries under ``<name>/``), in memory. Links inside the
+    run are left out (never followed).
 
     Raises:
-        DataError: not a run folder.
+        DataError: not a run folder inside the runs folder (:func:`run_folder`).
     """
-    path = Path(path)
+    path = run_folder(path, root)
     read_manifest(path)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            zf.write(f, arcname=f"{path.name}/{f.relative_to(path).as_posix()}")
+        for folder, dirs, files in sorted(os.walk(path, followlinks=False)):
+            dirs.sort()
+            for fname in sorted(files):
+                f = Path(folder) / fname
+                if f.is_symlink() or not f.is_file():
+                    continue
+                zf.write(f, arcname=f"{path.name}/{f.relative_to(path).as_posix()}")
     return buf.getvalue()
 
 
-def save_eval(path: str | os.PathLike, result: dict) -> Path:
+def run_test_classes(manifest: dict, bundle: DatasetBundle,
+                     requested: list[str | int] | None = None) -> list[int]:
+    """The classes a student trained on a run is tested on: ``requested`` (names or indices of
+    ``bundle``) or, by default, the run's classes.
+
+    Raises:
+        DataError: a requested class is not one of the run's distilled classes (a student
+            cannot learn a class it has no images of), or the run lists no classes.
+    """
+    ds = manifest.get("dataset") or {}
+    names = list(bundle.config.class_names)
+    own = ds.get("class_names") or [names[c] for c in ds.get("classes", []) if 0 <= c < len(names)]
+    if not own:
+        raise DataError("the run's manifest lists no classes; pass them with --classes")
+    if not requested:
+        return bundle.resolve_classes(list(own))
+    chosen = bundle.resolve_classes(list(requested))
+    extra = [names[c] for c in chosen if names[c] not in own]
+    if extra:
+        raise DataError(f"class(es) {', '.join(extra)} are not in the run (it has "
+                        f"{', '.join(own)}): a student cannot learn classes it has no images of")
+    return chosen
+
+
+def save_eval(path: str | os.PathLike, result: dict, *, dataset: dict | None = None,
+              test_classes: list[str] | None = None) -> Path:
     """Write an evaluation result (e.g. ``EvalResult.to_dict()``) to
     ``<run>/evals/<time>_<student>_<label_mode>_s<seed>.json`` atomically.
+
+    Args:
+        dataset: what the student was tested on, e.g. ``{"name", "args", "source"}`` (recorded
+            as ``result["dataset"]``).
+        test_classes: names of the test classes (recorded as ``result["test_classes"]``).
 
     Raises:
         DataError: not a run folder.
     """
-    path = Path(path)
+    path = run_folder(path)
     read_manifest(path)
+    result = dict(result)
+    if dataset is not None:
+        result["dataset"] = dataset
+    if test_classes is not None:
+        result["test_classes"] = list(test_classes)
     cfg = result.get("config", {})
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.get('student', 'student')}_" \
            f"{cfg.get('label_mode', 'labels')}_s{cfg.get('seed', 0)}"
@@ -392,7 +706,10 @@ def list_evals(path: str | os.PathLike) -> list[dict]:
     out = []
     for f in sorted((Path(path) / EVALS_DIR).glob("*.json")):
         try:
-            out.append({**json.loads(f.read_text()), "_file": f.name})
+            obj = json.loads(f.read_text())
+            if not isinstance(obj, dict) or not isinstance(obj.get("config", {}), dict):
+                raise ValueError("not an evaluation result")
+            out.append({**obj, "_file": f.name})
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", f, exc)
     return out

@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``; a missing, truncated or corrupt file raises
-    :class:`~nrrdd_core.errors.CheckpointError` naming the path."""
+    :class:`~nrrdd_core.errors.CheckpointError` naming the path. A file that holds anything but
+    tensors and plain Python values (it would run code when unpickled) is refused as unsafe; the
+    message never suggests loading it without ``weights_only``."""
     from .errors import CheckpointError
 
     path = Path(path)
@@ -78,5 +82,32 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        what = re.search(r"unsupported GLOBAL (\S+)", str(exc)) or \
+            re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise CheckpointError(
+            f"refused {path}: it holds Python objects that would run code when loaded"
+            f"{f' ({what.group(1)})' if what else ''}; only checkpoints of tensors and plain "
+            "values are read: save the model's state_dict (or use `nrrdd teacher train`)") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): "
+                              f"{type(exc).__name__}: {_first_sentence(exc)}") from exc
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first line / sentence of an exception message, without torch's retry advice."""
+    text = " ".join(str(exc).split())
+    text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return re.sub(r"[^.]*weights_only[^.]*\.?", "", text).strip() or type(exc).__name__
+
+
+def write_if_changed(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically unless the file already holds exactly these bytes
+    (a content-addressed cache entry that was truncated or corrupted is replaced)."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return path
+    except OSError:
+        pass
+    return atomic_write_bytes(path, data)

@@ -304,7 +304,11 @@ class SoftLabelStore:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict) or not isinstance(meta.get("epochs", []), list) or \
+                    not all(isinstance(e, int) for e in meta.get("epochs", [])):
+                raise ValueError("not a label store description")
+            return meta
         except (OSError, ValueError):
             log.warning("unreadable %s; starting the label store again", path)
             return None
@@ -356,14 +360,35 @@ class SoftLabelStore:
             raise CheckpointError(f"{self.values_path(epoch)} has {len(raw)} bytes, expected {n * v * 2}")
         values = torch.frombuffer(bytearray(raw), dtype=torch.float16).view(n, v).float()
         augs, start = [], 0
-        for b, size in enumerate(p["sizes"].tolist()):
-            sl = slice(start, start + size)
-            box = tuple(int(t) for t in p["box"][b])
-            augs.append(BatchAug(idx=p["idx"][sl], crops=p["crops"][sl].long(), flips=p["flips"][sl],
-                                 perm=p["perm"][sl], lam=float(p["lam"][b]),
-                                 box=None if box[0] < 0 else box, ra_seed=int(p["ra_seed"][b])))
-            start += size
+        try:
+            for b, size in enumerate(p["sizes"].tolist()):
+                sl = slice(start, start + size)
+                box = tuple(int(t) for t in p["box"][b])
+                augs.append(BatchAug(idx=p["idx"][sl], crops=p["crops"][sl].long(),
+                                     flips=p["flips"][sl], perm=p["perm"][sl],
+                                     lam=float(p["lam"][b]), box=None if box[0] < 0 else box,
+                                     ra_seed=int(p["ra_seed"][b])))
+                start += size
+            if start != n or (n and int(torch.cat([a.idx for a in augs]).max()) >= n) or \
+                    any(len(a.idx) != len(a.perm) or len(a.crops) != len(a.idx) for a in augs):
+                raise ValueError("batch parameters do not cover the images")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.aug_path(epoch)} is not a label-store epoch of {n} "
+                                  f"images ({type(exc).__name__}: {exc})") from None
         return augs, values
+
+    def try_read_epoch(self, epoch: int) -> tuple[list[BatchAug], torch.Tensor] | None:
+        """:meth:`read_epoch`, or None when the epoch is not stored or its files are damaged; a
+        damaged epoch is dropped from the store (with a warning) so that it is labelled again."""
+        if not self.has_epoch(epoch):
+            return None
+        try:
+            return self.read_epoch(epoch)
+        except CheckpointError as exc:
+            log.warning("%s; labelling epoch %d again", exc, epoch)
+            self.meta["epochs"] = [e for e in self.meta["epochs"] if e != epoch]
+            atomic_write_json(self.root / "store.json", self.meta)
+            return None
 
     def files(self) -> list[Path]:
         """The files of the stored epochs (parameters and values) plus ``store.json``."""
@@ -411,7 +436,8 @@ def epoch_batches(x01: torch.Tensor, y: torch.Tensor, batch_size: int, generator
     """
     n = len(x01)
     if store is not None and loss_spec.mode != "hard":
-        if not store.has_epoch(epoch):
+        stored = store.try_read_epoch(epoch)  # None: not stored yet, or damaged (relabelled)
+        if stored is None:
             augs, vals = [], []
             order = torch.randperm(n, generator=generator)
             for s in range(0, n, batch_size):
@@ -420,7 +446,8 @@ def epoch_batches(x01: torch.Tensor, y: torch.Tensor, batch_size: int, generator
                 vals.append(teacher_values(teacher, x_mix, yb, yb[aug.perm.to(y.device)], loss_spec).cpu())
                 augs.append(aug)
             store.write_epoch(epoch, augs, torch.cat(vals))
-        augs, values = store.read_epoch(epoch)
+            stored = store.read_epoch(epoch)
+        augs, values = stored
         start = 0
         for aug in augs:
             yb = y[aug.idx.to(y.device)]

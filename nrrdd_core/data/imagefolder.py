@@ -1,10 +1,12 @@
 """``imagefolder`` (any ``root/<class>/<image>`` tree) and ``imagenet_subset`` (10-class
 ImageNet-1k subsets, METHODS.md §7).
 
-Every image is decoded with Pillow, converted to RGB (grayscale, palette, CMYK; images with
-transparency are composited onto white), resized so that its shorter side is ``image_size`` and
-centre-cropped to ``image_size x image_size``. Unreadable files are skipped with a warning and
-counted in ``bundle.source["skipped"]``.
+Every image is decoded with Pillow into the RGB picture a viewer shows (EXIF orientation applied;
+grey, palette, CMYK, 16-bit and [0, 1] float images converted; transparency composited onto
+white), resized so that its shorter side is ``image_size`` and centre-cropped to
+``image_size x image_size``. Unreadable files (and modes with no single sensible picture) are
+skipped with a warning naming the file and counted in ``bundle.source["skipped"]``; the
+``max_per_class`` cap counts readable images only.
 """
 
 from __future__ import annotations
@@ -39,38 +41,101 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Sample = tuple[str, int]
 
 
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """One image file -> ``uint8 (size, size, 3)`` RGB: shorter side resized to ``size``
-    (bicubic), centre crop; transparency composited onto white.
+#: Pillow modes of more than 8 bits per sample, and the largest value of each.
+_DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _as_rgb(im: Image.Image) -> Image.Image:
+    """The RGB picture a viewer shows for ``im``: EXIF orientation applied; 16-bit grey scaled to
+    8 bits (Pillow's own conversion clips it to white); float images in [0, 1] scaled; palette,
+    grey, CMYK and YCbCr converted; transparency composited onto white.
 
     Raises:
-        OSError, ValueError, SyntaxError: unreadable or corrupt file (Pillow's errors).
+        ValueError: a mode or value range with no single sensible picture (float images outside
+            [0, 1], 32-bit integers beyond 16 bits, modes Pillow cannot convert).
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _DEEP_MODES or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{im.mode} image with non-finite values")
+        if im.mode == "F":
+            if arr.size and (arr.min() < 0 or arr.max() > 1):
+                raise ValueError("32-bit float image with values outside [0, 1]")
+            arr = arr * 255.0
+        else:
+            if arr.size and (arr.min() < 0 or arr.max() > _DEEP_MODES[im.mode]):
+                raise ValueError(f"{im.mode} image with values beyond 16 bits")
+            arr = arr / 257.0
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+            (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | Path, size: int) -> np.ndarray:
+    """One image file -> ``uint8 (size, size, 3)``: the RGB picture a viewer shows
+    (:func:`_as_rgb`: EXIF orientation, 16-bit and float depths, palette / grey / CMYK, alpha on
+    white), shorter side resized to ``size`` (bicubic), centre crop.
+
+    Raises:
+        OSError, ValueError, SyntaxError: unreadable or corrupt file (Pillow's errors), or a mode
+        / value range with no single sensible picture.
     """
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size (faster)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-        im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        im = ImageOps.fit(_as_rgb(im), (size, size), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)
 
 
-def _read(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode ``samples``; returns ``uint8 (N,size,size,3)``, labels ``(N,)`` and the skipped paths."""
+def _decode_one(path: str, size: int) -> np.ndarray | None:
+    try:
+        return load_rgb(path, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        log.warning("skipping unreadable image %s: %s", path, exc)
+        return None
 
-    def one(path: str):
-        try:
-            return load_rgb(path, size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            log.warning("skipping unreadable image %s: %s", path, exc)
-            return None
 
+def _decode(samples: list[Sample], size: int, max_per_class: int | None,
+            gen: torch.Generator) -> tuple[list[Sample], dict[str, np.ndarray], list[str]]:
+    """Decode ``samples``, at most ``max_per_class`` readable images per class (a seeded random
+    choice: files are tried in a ``randperm`` order until that many decode, so unreadable files
+    do not count against the cap). Returns the kept samples (stored order), their
+    ``uint8 (size,size,3)`` images by path, and the skipped (unreadable) paths."""
+    images: dict[str, np.ndarray] = {}
+    skipped: list[str] = []
+    kept: list[Sample] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        imgs = list(pool.map(one, [p for p, _ in samples]))
-    ok = [i for i, im in enumerate(imgs) if im is not None]
-    x = np.stack([imgs[i] for i in ok]) if ok else np.empty((0, size, size, 3), np.uint8)
-    y = np.array([samples[i][1] for i in ok], dtype=np.int64)
-    return x, y, [samples[i][0] for i, im in enumerate(imgs) if im is None]
+        def run(batch: list[Sample]) -> list[Sample]:
+            good = []
+            decoded = pool.map(lambda p: _decode_one(p, size), [p for p, _ in batch])
+            for s, img in zip(batch, decoded):
+                if img is None:
+                    skipped.append(s[0])
+                else:
+                    images[s[0]] = img
+                    good.append(s)
+            return good
+
+        if max_per_class is None:
+            return run(samples), images, skipped
+        for c in sorted({lab for _, lab in samples}):
+            mine = [s for s in samples if s[1] == c]
+            order = torch.randperm(len(mine), generator=gen).tolist()
+            got: list[int] = []
+            pos = 0
+            while len(got) < max_per_class and pos < len(order):
+                batch = order[pos:pos + max(max_per_class - len(got), 4)]
+                pos += len(batch)
+                good = {s[0] for s in run([mine[i] for i in batch])}
+                got += [i for i in batch if mine[i][0] in good][:max_per_class - len(got)]
+            kept += [mine[i] for i in sorted(got)]
+    drop = {p for p in images} - {p for p, _ in kept}
+    for p in drop:
+        del images[p]
+    return kept, images, skipped
 
 
 def _samples(folder: Path, class_to_idx: dict[str, int]) -> list[Sample]:
@@ -79,16 +144,13 @@ def _samples(folder: Path, class_to_idx: dict[str, int]) -> list[Sample]:
     return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
 
 
-def _cap(samples: list[Sample], max_per_class: int | None, gen: torch.Generator) -> list[Sample]:
-    """A seeded random choice of at most ``max_per_class`` samples of each class (sorted order kept)."""
+def _check_cap(max_per_class) -> int | None:
     if max_per_class is None:
-        return samples
-    keep: list[Sample] = []
-    for c in sorted({lab for _, lab in samples}):
-        mine = [s for s in samples if s[1] == c]
-        pick = torch.randperm(len(mine), generator=gen)[:max_per_class].sort().values
-        keep += [mine[i] for i in pick.tolist()]
-    return keep
+        return None
+    if isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1:
+        raise ConfigError(f"max_per_class must be a whole number >= 1 (or None for all images); "
+                          f"got {max_per_class!r}")
+    return max_per_class
 
 
 def _split(samples: list[Sample], test_fraction: float, gen: torch.Generator):
@@ -129,21 +191,22 @@ def _check_nonempty(split: ImageSplit, folder: Path, classes: list[str]) -> None
                         f"each class folder needs at least one image ({', '.join(IMG_EXTENSIONS)})")
 
 
-def _bundle(train: list[Sample], test: list[Sample], size: int, cfg_fn, train_folder: Path,
-            classes: list[str], source: dict) -> DatasetBundle:
-    x_tr, y_tr, skip_tr = _read(train, size)
-    x_te, y_te, skip_te = _read(test, size)
-
-    def split(x, y):
+def _bundle(train: list[Sample], test: list[Sample], images: dict[str, np.ndarray],
+            skipped: list[str], size: int, cfg_fn, train_folder: Path, classes: list[str],
+            source: dict) -> DatasetBundle:
+    def split(samples: list[Sample]) -> ImageSplit:
+        x = np.stack([images[p] for p, _ in samples]) if samples else \
+            np.empty((0, size, size, 3), np.uint8)
+        y = np.array([lab for _, lab in samples], dtype=np.int64)
         return ImageSplit(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                           torch.from_numpy(y))
 
-    train_split = split(x_tr, y_tr)
+    train_split = split(train)
     _check_nonempty(train_split, train_folder, classes)
-    skipped = skip_tr + skip_te
     if skipped:
         log.warning("skipped %d unreadable image(s) under %s", len(skipped), source["root"])
-    return DatasetBundle(train_split, split(x_te, y_te), cfg_fn(x_tr),
+    x_tr = train_split.x.permute(0, 2, 3, 1).numpy()
+    return DatasetBundle(train_split, split(test), cfg_fn(x_tr),
                          source={**source, "skipped": len(skipped), "skipped_files": skipped[:20]})
 
 
@@ -166,8 +229,9 @@ def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int 
     Args:
         root: the tree.
         image_size: output side in pixels (shorter side resized, centre crop).
-        max_per_class: keep at most this many images per class (and per split in the
-            train/val layout), a seeded random choice; ``None`` keeps all.
+        max_per_class: keep at most this many readable images per class (and per split in the
+            train/val layout), a seeded random choice applied while decoding (unreadable files
+            do not count); ``None`` keeps all.
         test_fraction: share of each class sent to the test split, in [0, 1).
         seed: seed of the split and of the ``max_per_class`` choice.
 
@@ -178,9 +242,10 @@ def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int 
 
     Raises:
         DataError: missing root, no class folders, a class without readable images.
-        ConfigError: ``image_size`` or ``test_fraction`` out of range.
+        ConfigError: ``image_size``, ``max_per_class`` or ``test_fraction`` out of range.
     """
     size = _check_size(image_size)
+    cap = _check_cap(max_per_class)
     if not 0 <= float(test_fraction) < 1:
         raise ConfigError(f"test_fraction must be in [0, 1); got {test_fraction}")
     root = Path(root).expanduser()
@@ -194,19 +259,21 @@ def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int 
         extra = sorted(set(_classes(val_dir)[0]) - set(classes))
         if extra:
             raise DataError(f"{val_dir} has class folders not in {train_dir}: {', '.join(extra[:5])}")
-        train = _cap(_samples(train_dir, class_to_idx), max_per_class, gen)
-        test = _cap(_samples(val_dir, class_to_idx), max_per_class, gen)
+        train, images, skipped = _decode(_samples(train_dir, class_to_idx), size, cap, gen)
+        test, test_images, test_skipped = _decode(_samples(val_dir, class_to_idx), size, cap, gen)
+        images.update(test_images)
+        skipped += test_skipped
     else:
         train_dir = root
         classes, class_to_idx = _classes(root)
-        samples = _cap(_samples(root, class_to_idx), max_per_class, gen)
+        samples, images, skipped = _decode(_samples(root, class_to_idx), size, cap, gen)
         train, test = _split(samples, float(test_fraction), gen)
 
     def cfg(x_tr):
         mean, std = channel_stats(x_tr)
         return DataConfig("imagefolder", size, mean, std, tuple(classes))
 
-    return _bundle(train, test, size, cfg, train_dir, classes,
+    return _bundle(train, test, images, skipped, size, cfg, train_dir, classes,
                    {"dataset": "imagefolder", "root": str(root), "seed": int(seed),
                     "split": "folders" if train_dir != root else f"random {test_fraction}"})
 
@@ -241,6 +308,7 @@ def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_siz
     if subset not in IMAGENET_SUBSETS:
         raise ConfigError(f"unknown ImageNet subset {subset!r}; valid: {', '.join(IMAGENET_SUBSETS)}")
     size = _check_size(image_size)
+    cap = _check_cap(max_per_class)
     root = Path(root).expanduser()
     train_dir, val_dir = root / "train", root / "val"
     wnids, _ = _classes(train_dir)
@@ -251,19 +319,21 @@ def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_siz
     chosen = [wnids[i] for i in indices]
     class_to_idx = {w: k for k, w in enumerate(chosen)}
     gen = torch.Generator().manual_seed(0)
-    train = _cap(_samples(train_dir, class_to_idx), max_per_class, gen)
+    train, images, skipped = _decode(_samples(train_dir, class_to_idx), size, cap, gen)
     if val_dir.is_dir():
         missing = [w for w in chosen if not (val_dir / w).is_dir()]
         if missing:
             raise DataError(f"{val_dir / missing[0]} not found: arrange {val_dir} into wnid class "
                             "folders (as train/) or remove it")
-        test = _cap(_samples(val_dir, class_to_idx), max_per_class, gen)
+        test, test_images, test_skipped = _decode(_samples(val_dir, class_to_idx), size, cap, gen)
+        images.update(test_images)
+        skipped += test_skipped
     else:
         log.warning("no %s: the %s test split is empty", val_dir, subset)
         test = []
     categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     names = tuple(categories[i] for i in indices)
-    bundle = _bundle(train, test, size,
+    bundle = _bundle(train, test, images, skipped, size,
                      lambda _x: DataConfig(subset, size, IMAGENET_MEAN, IMAGENET_STD, names),
                      train_dir, chosen, {"dataset": "imagenet_subset", "root": str(root),
                                          "subset": subset, "wnids": chosen})

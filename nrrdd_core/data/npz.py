@@ -8,6 +8,8 @@ come from an optional JSON file beside the arrays, see :func:`read_class_names`.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 from ..errors import DataError
 from . import register_dataset
 from .base import DataConfig, DatasetBundle, ImageSplit
+
+log = logging.getLogger(__name__)
 
 #: Normalisation constants of the dataset-distillation code bases (SRe2L / RDED CIFAR loaders),
 #: keyed by file prefix; other prefixes use the mean/std of their train split.
@@ -89,15 +93,54 @@ def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
+def test_file_for(train_file: str) -> str:
+    """The test file paired with ``train_file``: its ``train`` name part replaced by ``test``
+    (``cifar100_exact_train_prefix.npz`` -> ``cifar100_exact_test_prefix.npz``,
+    ``cifar10_train.npz`` -> ``cifar10_test.npz``).
+
+    Raises:
+        DataError: the name has no ``train`` part (separated by ``_``, ``-`` or ``.``).
+    """
+    parts = re.split(r"([_.-])", Path(train_file).name)
+    hits = [i for i, t in enumerate(parts) if t.lower() == "train"]
+    if len(hits) != 1:
+        raise DataError(f"cannot tell the test file of {train_file!r} (no single 'train' part in "
+                        "its name): give the test file (--test-file, or test_file=None for none)")
+    parts[hits[0]] = "test" if parts[hits[0]].islower() else "TEST"
+    return "".join(parts)
+
+
+def _check_pair(root: Path, train_file: str, test_file: str) -> None:
+    """Refuse a test file of another known dataset than the train file (e.g. CIFAR-10's test set
+    with CIFAR-100's train set: its labels fit, the accuracy is silently wrong)."""
+    a, b = file_prefix(train_file), file_prefix(test_file)
+    if a == b:
+        return
+
+    def known(prefix: str) -> bool:
+        return prefix in PUBLISHED_STATS or (root / f"{prefix}_classes.json").is_file()
+
+    if known(a) and known(b):
+        raise DataError(f"test file {test_file} is of dataset {b} but the train file {train_file} "
+                        f"is of {a}: give the {a} test file (e.g. {test_file_for(train_file)})"
+                        if "train" in train_file.lower() else
+                        f"test file {test_file} is of dataset {b} but the train file "
+                        f"{train_file} is of {a}")
+    log.warning("npz test file %s and train file %s have different name prefixes", test_file,
+                train_file)
+
+
 @register_dataset("npz")
 def load_npz(root: str | Path, train_file: str = "cifar10_train.npz",
-             test_file: str | None = "cifar10_test.npz", classes_file: str | None = None) -> DatasetBundle:
+             test_file: str | None = "", classes_file: str | None = None) -> DatasetBundle:
     """Load a train/test pair of ``.npz`` files from ``root``.
 
     Args:
         root: folder holding the files (e.g. ``../shared/data``).
-        train_file, test_file: file names inside ``root``. ``test_file=None`` gives an empty
-            test split (0 images; evaluation then needs another test set).
+        train_file, test_file: file names inside ``root``. ``test_file=""`` (default) takes the
+            train file's pair (:func:`test_file_for`); ``test_file=None`` gives an empty test
+            split (0 images; evaluation then needs another test set). A test file of another
+            known dataset (another prefix with published stats or a class-name file) is refused.
         classes_file: JSON of class names (see :func:`read_class_names`); by default
             ``<prefix>_classes.json`` beside the arrays if present, else ``class_0, class_1...``
             (as many as ``max(y) + 1``).
@@ -109,12 +152,17 @@ def load_npz(root: str | Path, train_file: str = "cifar10_train.npz",
 
     Raises:
         DataError: missing folder or file, wrong dtype/shape, test images of another size than
-        the train images, labels outside ``[0, num_classes)``, unreadable class-name file.
+        the train images, labels outside ``[0, num_classes)``, unreadable class-name file, no
+        test file derivable from ``train_file``, or a test file of another dataset.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"npz root folder not found: {root}")
     prefix = file_prefix(train_file)
+    if test_file == "":
+        test_file = test_file_for(train_file)
+    if test_file is not None:
+        _check_pair(root, train_file, test_file)
     x_tr, y_tr = _read_split(root / train_file)
     size = x_tr.shape[1]
     if test_file is None:

@@ -52,8 +52,11 @@ class ExpertBuffer:
         self.test_accs = [float(e["test_acc"]) for e in manifest["experts"]]
         self.zca = None
         if manifest.get("zca_file"):
-            d = safe_torch_load(path / manifest["zca_file"])
-            self.zca = ZCA(d["mean"], d["matrix"], d["inverse"])
+            f = path / manifest["zca_file"]
+            try:
+                self.zca = ZCA.from_state(safe_torch_load(f), f, 3 * self.image_size ** 2)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; delete {path} and retrain") from None
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def trajectory(self, i: int) -> torch.Tensor:
@@ -71,12 +74,17 @@ class ExpertBuffer:
                                   f"delete {self.path} and retrain")
         obj = safe_torch_load(f)
         traj = obj.get("trajectory") if isinstance(obj, dict) else None
-        if obj.get("kind") != EXPERT_KIND or not isinstance(traj, torch.Tensor) or \
+        if not isinstance(obj, dict) or obj.get("kind") != EXPERT_KIND or \
+                not isinstance(traj, torch.Tensor) or \
                 tuple(traj.shape) != (self.epochs + 1, self.num_params):
             raise CheckpointError(f"{f} is not an expert trajectory of shape "
                                   f"({self.epochs + 1}, {self.num_params}); delete the buffer folder")
         self._cache = (i, traj.float())
         return self._cache[1]
+
+    def release(self) -> None:
+        """Drop the trajectory kept in memory (the next :meth:`trajectory` reads its file again)."""
+        self._cache = None
 
 
 def load_buffer(path: str | Path, verify: bool = True) -> ExpertBuffer:
@@ -101,8 +109,14 @@ def load_buffer(path: str | Path, verify: bool = True) -> ExpertBuffer:
         files = [manifest["experts"][i] for i in range(len(manifest["experts"]))]
         if manifest.get("zca_file"):
             files.append({"file": manifest["zca_file"], **manifest["zca_check"]})
+        for e in files:  # every entry names a file inside the folder, with a size and checksum
+            if not isinstance(e["file"], str) or int(e["bytes"]) < 0 or \
+                    not isinstance(e["sha256"], str) or Path(e["file"]).name != e["file"] or \
+                    e["file"] in ("", ".", ".."):
+                raise ValueError(f"bad file entry {e}")
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"corrupt expert buffer manifest {mf}: {exc}") from exc
+        raise CheckpointError(f"corrupt expert buffer manifest {mf}: {type(exc).__name__}: {exc}; "
+                              f"delete {path} and retrain") from None
     for e in files:
         f = path / e["file"]
         if not f.is_file():
@@ -114,7 +128,11 @@ def load_buffer(path: str | Path, verify: bool = True) -> ExpertBuffer:
         if verify and file_sha256(f) != e["sha256"]:
             raise CheckpointError(f"expert buffer file {f} is corrupt (checksum mismatch); "
                                   f"delete {path} and retrain")
-    return ExpertBuffer(path, manifest)
+    try:
+        return ExpertBuffer(path, manifest)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"corrupt expert buffer manifest {mf}: {type(exc).__name__}: {exc}; "
+                              f"delete {path} and retrain") from None
 
 
 def buffer_dir(cfg: ExpertConfig, bundle: DatasetBundle) -> Path:

@@ -236,16 +236,21 @@ class Distiller(abc.ABC):
         for k, v in losses.items():
             f = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
             if not math.isfinite(f):
+                # every method checks its losses before it changes the images, so the images of
+                # the previous step are intact; only methods with a learning rate get that hint
+                rates = [n for n in self.config.to_dict() if n == "lr" or n.startswith("lr_")]
+                hint = f" (lower {' or '.join(rates)}?)" if rates else ""
                 raise NonFiniteLossError(
                     f"{self.name}: loss term {k!r} is {f} at step {self.step_index}; "
-                    "the last good images are kept (lower the learning rate?)",
+                    f"the images of the last good step are kept{hint}",
                     step=self.step_index, term=k)
             out[k] = f
         return out
 
-    def real_indices(self, c: int, n: int) -> torch.Tensor:
-        """``n`` random training-image indices of class ``c`` drawn with the run's generator
-        (without replacement; all of them when the class has fewer and ``n`` is larger).
+    def real_indices(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` random training-image indices of class ``c`` drawn with ``generator`` (default: the
+        run's generator), without replacement; all of them when the class has fewer and ``n`` is
+        larger.
 
         Raises:
             DataError: the class has no training images.
@@ -253,7 +258,7 @@ class Distiller(abc.ABC):
         idx = self.dataset.train.indices_of(c)
         if len(idx) == 0:
             raise DataError(f"class {self.dataset.config.class_names[c]!r} has no training images")
-        perm = torch.randperm(len(idx), generator=self.generator)
+        perm = torch.randperm(len(idx), generator=generator or self.generator)
         return idx[perm[: min(n, len(idx))]]
 
     def require_images(self, c: int, n: int) -> None:

@@ -40,6 +40,8 @@ class Teacher:
     arch_kwargs: dict = field(default_factory=dict)
     test_acc: float | None = None
     source: str = ""
+    bf16: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -75,8 +77,24 @@ class Teacher:
         return modules[name]
 
     def __call__(self, x_norm: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, C)`` of normalised images ``(N,3,S,S)``."""
-        return self.model(x_norm)
+        """Logits ``(N, C)`` float32 of normalised images ``(N,3,S,S)``; on CUDA optionally under
+        bf16 autocast and in channels_last layout (:meth:`with_pass_options`)."""
+        if x_norm.device.type != "cuda" or not (self.bf16 or self.channels_last):
+            return self.model(x_norm)
+        if self.channels_last:
+            x_norm = x_norm.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x_norm).float()
+
+    def with_pass_options(self, bf16: bool = False, channels_last: bool = False) -> "Teacher":
+        """This teacher (same network) whose forward passes on CUDA run under bf16 autocast and/or
+        in channels_last memory layout (faster on tensor-core GPUs; logits differ from float32 by
+        bf16 rounding). No-ops on the CPU. Source: ours (GPU readiness)."""
+        from dataclasses import replace
+
+        if channels_last and self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        return replace(self, bf16=bool(bf16), channels_last=bool(channels_last))
 
     @torch.no_grad()
     def predict01(self, x01: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -121,23 +139,50 @@ class Teacher:
         """Load a checkpoint written by :meth:`save` (``weights_only=True``).
 
         Raises:
-            CheckpointError: missing/corrupt file, not a teacher checkpoint, or weights that do not
-                fit the recorded architecture.
+            CheckpointError: missing/corrupt/unsafe file, not a teacher checkpoint, bad content
+                (``arch``, ``arch_kwargs``, ``data_config`` or ``state_dict`` missing or of the
+                wrong kind), or weights that do not fit the recorded architecture; the message
+                names the file and what to do.
         """
-        from .registry import build_model
+        from .registry import build_model, default_cam_layer
 
         obj = safe_torch_load(path)
         if not isinstance(obj, dict) or obj.get("kind") != CHECKPOINT_KIND:
             raise CheckpointError(f"{path} is not an NRR-DD Studio teacher checkpoint "
                                   "(use the matching loader for third-party checkpoints)")
-        dc = DataConfig.from_dict(obj["data_config"])
-        model = build_model(obj["arch"], num_classes=dc.num_classes, image_size=dc.image_size,
-                            **obj.get("arch_kwargs", {}))
+        redo = "train the teacher again (`nrrdd teacher train`) or re-save it with Teacher.save"
+        arch, kwargs = obj.get("arch"), obj.get("arch_kwargs") or {}
+        if not isinstance(arch, str) or not isinstance(kwargs, dict) or \
+                not all(isinstance(k, str) for k in kwargs):
+            raise CheckpointError(f"{path}: 'arch' must be a model name and 'arch_kwargs' a dict "
+                                  f"of keyword arguments; {redo}")
+        if not isinstance(obj.get("state_dict"), dict):
+            raise CheckpointError(f"{path} has no 'state_dict' of weights; {redo}")
+        try:
+            dc = DataConfig.from_dict(obj["data_config"])
+            if len(dc.mean) != 3 or len(dc.std) != 3 or not dc.class_names or dc.image_size < 1:
+                raise ValueError("mean/std need 3 values, class_names at least one name")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: missing or bad 'data_config' (image size, mean/std, "
+                                  f"class names): {type(exc).__name__}: {exc}; {redo}") from None
+        try:
+            model = build_model(arch, num_classes=dc.num_classes, image_size=dc.image_size,
+                                **kwargs)
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: arch_kwargs {kwargs} do not fit {arch}: {exc}; "
+                                  f"{redo}") from None
+        except (ValueError, KeyError, RuntimeError) as exc:  # ConfigError: unknown arch, bad value
+            raise CheckpointError(f"{path}: cannot build {arch!r}: "
+                                  f"{' '.join(str(exc).split())}; {redo}") from None
         try:
             model.load_state_dict(obj["state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"weights in {path} do not fit {obj['arch']}: {exc}") from exc
-        t = cls(model=model, arch=obj["arch"], data_config=dc, cam_layer=obj["cam_layer"],
-                arch_kwargs=dict(obj.get("arch_kwargs", {})), test_acc=obj.get("test_acc"),
-                source=str(path))
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"weights in {path} do not fit {arch}: "
+                                  f"{' '.join(str(exc).split())[:300]}") from exc
+        cam_layer = obj.get("cam_layer")
+        if not isinstance(cam_layer, str) or cam_layer not in dict(model.named_modules()):
+            cam_layer = default_cam_layer(arch)
+        t = cls(model=model, arch=arch, data_config=dc, cam_layer=cam_layer,
+                arch_kwargs=dict(kwargs), test_acc=obj.get("test_acc") if isinstance(
+                    obj.get("test_acc"), (int, float)) else None, source=str(path))
         return t.to(device)
