@@ -5,6 +5,11 @@ SGD (lr = the learned student lr, momentum 0.9, weight decay 5e-4), the lr multi
 half of the epochs, DSA on every batch and soft cross-entropy against ``softmax(Y)`` (the learned
 label logits; plain cross-entropy with hard labels when no logits are given). Top-1 accuracy is
 measured on the real test split restricted to the distilled classes.
+
+Like the official code, the student trains on the distilled float tensor as it was optimised
+(``images_float``: normalised, ZCA-whitened when the experts were, unclipped) when the run
+carries it; otherwise on the [0,1] images (8-bit PNGs of a saved run), normalised and whitened
+here.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Keyword arguments of :func:`evaluate_edf` taken from a run's extras
 #: (``EDFDistiller.export_extras()``, ``Run.extras``).
-RUN_EXTRAS = ("label_logits", "syn_lr", "arch_kwargs", "zca_eps")
+RUN_EXTRAS = ("images_float", "label_logits", "syn_lr", "arch_kwargs", "zca_eps")
 
 #: METHODS.md §5.6 defaults when the caller gives none (epochs: ``EvalConfig.num_epochs``).
 DEFAULT_LR = 0.01
@@ -43,7 +48,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
                  classes: Sequence[int | str] | None = None, *,
                  label_logits: torch.Tensor | None = None, syn_lr: float | None = None,
                  arch_kwargs: dict | None = None, zca_eps: float | None = None,
-                 epochs: int | None = None) -> EvalResult:
+                 epochs: int | None = None, images_float: torch.Tensor | None = None) -> EvalResult:
     """Train a fresh ConvNet-IN on a distilled set and test it (METHODS.md §5.6).
 
     Args:
@@ -63,6 +68,9 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
         arch_kwargs: ConvNet-IN ``depth``/``width`` of the distillation network.
         zca_eps: the ZCA eps the experts used (None = no ZCA); ZCA is refitted on ``bundle``.
         epochs: student epochs (default ``cfg.num_epochs``: 1000 when ``cfg.epochs`` is 0).
+        images_float: ``(N,3,S,S)`` float32, the distilled images in the space they were optimised
+            in (``EDFDistiller.export_extras()["images_float"]``): trained on instead of
+            ``images01`` (which then only fixes N and the shape); ``config["inputs"]`` says which.
 
     Returns:
         :class:`EvalResult` with accuracies in [0, 1].
@@ -97,7 +105,13 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
         x = dc.normalize(x01.float())
         return zca(x) if zca is not None else x
 
-    x = prepare(images01.detach().cpu()).to(dev)
+    if images_float is not None:
+        if tuple(images_float.shape) != tuple(images01.shape):
+            raise DataError(f"images_float {tuple(images_float.shape)} does not match the images "
+                            f"{tuple(images01.shape)}")
+        x = images_float.detach().float().to(dev)
+    else:
+        x = prepare(images01.detach().cpu()).to(dev)
     x_test = prepare(bundle.test.float01(torch.nonzero(keep).flatten()))
     y_test = bundle.test.y[keep]
     y = labels.to(dev)
@@ -140,6 +154,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
     conf = {**cfg.to_dict(), "protocol": "edf", "seed": int(seed), "batch_size": batch, "epochs": epochs,
             "lr": lr, "student": "convnet_in", "arch": "convnet_in", "arch_kwargs": kw,
             "zca_eps": zca_eps, "label_mode": "soft" if targets is not None else "hard",
-            "soft_labels": targets is not None}
+            "soft_labels": targets is not None,
+            "inputs": "float" if images_float is not None else "images01"}
     return EvalResult(final_acc=accs[-1], best_acc=max(accs), history=history,
                       seconds=time.perf_counter() - t0, n_test=int(keep.sum()), config=conf)

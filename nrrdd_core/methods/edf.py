@@ -277,7 +277,7 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
     """Bytes the autograd graph keeps for ONE unrolled student step on ``batch`` images: the
     unique storages saved for backward, counted with ``saved_tensors_hooks`` on a real CPU step
     (exact for this architecture and image size, device independent up to allocator rounding).
-    ``net`` itself is left where it is (a CPU copy is measured)."""
+    ``net`` itself is left where it is (an uninitialised CPU copy of its structure is measured)."""
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor):
@@ -294,7 +294,8 @@ def unroll_bytes_per_step(net: nn.Module, layout: ParamLayout, image_size: int, 
     lr = torch.tensor(0.01, requires_grad=True)
     theta0 = torch.randn(layout.numel, generator=g) * 0.01
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unroll_student(copy.deepcopy(net).cpu(), layout, theta0, x, y, lr, 1, batch, g, None)
+        unroll_student(copy.deepcopy(net).to_empty(device="cpu"), layout, theta0, x, y, lr, 1, batch,
+                       g, None)
     return sum(seen.values())
 
 
