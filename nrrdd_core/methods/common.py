@@ -161,6 +161,28 @@ def stitch(patches: torch.Tensor, ipc: int, factor: int, size: int) -> torch.Ten
     return out
 
 
+def cidd_rank(cam: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIDD step 2 (METHODS.md §4.2): each candidate box's CAM ratio ``sum_box C / sum C`` and the
+    candidates of each image ordered by it, HIGHEST first (stable); CIDD keeps the first ``top_t``.
+    The one ranking used by the distiller (:class:`~nrrdd_core.methods.nrrdd.NRRDD`) and the
+    explorer (:func:`cidd_candidates`).
+
+    Args:
+        cam: CAMs ``(n,H,W)`` in [0,1], one per real image (for its class).
+        boxes: int64 ``(n,m,4)`` candidate boxes ``(i, j, h, w)`` in pixels.
+
+    Returns:
+        ``(ratio, order)``: ``(n,m)`` float ratios in [0,1] (CPU) and ``(n,m)`` int64 positions
+        along ``boxes``' ``m`` axis, highest ratio first.
+    """
+    n, m = boxes.shape[:2]
+    if n == 0:
+        return torch.zeros(0, m), torch.zeros(0, m, dtype=torch.long)
+    cam = torch.as_tensor(cam).float().cpu()
+    ratio = torch.stack([cam_ratio(cam[a], boxes[a].cpu()) for a in range(n)])
+    return ratio, torch.sort(ratio, dim=1, descending=True, stable=True).indices
+
+
 @dataclass
 class CIDDCandidates:
     """CIDD candidates of one real image (METHODS.md §4.2), ``m`` of them, sorted by CAM ratio
@@ -205,9 +227,8 @@ def cidd_candidates(teacher: Teacher, x01: torch.Tensor, cam: torch.Tensor, labe
     """
     size = x01.shape[-1]
     boxes = candidate_boxes(1, m, size, make_generator(seed), min_scale)
-    ratio = cam_ratio(torch.as_tensor(cam).float().cpu(), boxes[0])
-    order = torch.sort(ratio, descending=True, stable=True).indices
-    boxes, ratio = boxes[:, order], ratio[order]
+    ratio, order = cidd_rank(torch.as_tensor(cam)[None], boxes)
+    boxes, ratio = boxes[:, order[0]], ratio[0, order[0]]
     x_norm = teacher.data_config.normalize(x01[None].to(teacher.device))
     crops = crop_patches(x_norm, boxes.to(teacher.device), size)
     conf = torch.exp(-patch_cross_entropy(teacher, crops, label))

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import cutmix
-from ..cam import cam_ratio, get_cam, noncritical_mask
+from ..cam import get_cam, noncritical_mask
 from ..configs import param
 from ..errors import ConfigError
 from .base import StepRecord, register_method
 from .common import (CONFIDENCES, PatchSelectionConfig, PatchSelectionDistiller, RefineConfig,
-                     Refiner, cpu_copy, crop_patches, patch_log_confidence, slot_batches, to01)
+                     Refiner, cidd_rank, cpu_copy, crop_patches, patch_log_confidence, slot_batches,
+                     to01)
 
 #: forms of the label-refinement term (METHODS.md §4.5)
 LABEL_REFINE_FORMS = ("two_class", "mixed_ce")
@@ -157,12 +158,10 @@ class NRRDD(PatchSelectionDistiller):
         return cam, noncritical_mask(cam, self.config.tau, self.config.mask_mode).to(self.device)
 
     def _rank_chunk(self, c, x_norm, boxes):
-        n, m = boxes.shape[:2]
+        n = len(boxes)
         t = self.config.top_t
         cam = self._cam(x_norm, torch.full((n,), c, dtype=torch.long)).float().cpu()
-        ratio = torch.stack([cam_ratio(cam[a], boxes[a]) for a in range(n)]) if n else \
-            torch.zeros(0, m)
-        top = torch.sort(ratio, dim=1, descending=True, stable=True).indices[:, :t]
+        top = cidd_rank(cam, boxes)[1][:, :t]
         kept = torch.gather(boxes, 1, top.unsqueeze(-1).expand(n, t, 4))
         logc = patch_log_confidence(self.teacher, crop_patches(x_norm, kept, self.side), c,
                                     self.config.confidence)
