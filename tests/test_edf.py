@@ -7,21 +7,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_experts import TINY, tiny_bundle
 
 from nrrdd_core.errors import ConfigError, DataError, ResourceError
 from nrrdd_core.experts import ExpertConfig, ParamLayout, seeded_model, train_experts
 from nrrdd_core.methods import edf as edf_mod
 from nrrdd_core.methods import make_distiller
-from nrrdd_core.methods.edf import (DATM, EDFConfig, EDFDistiller, init_from_experts, matching_loss,
-                                    unroll_student)
+from nrrdd_core.methods.edf import (
+    DATM,
+    EDFConfig,
+    init_from_experts,
+    matching_loss,
+    unroll_student,
+)
 from nrrdd_core.models import build_model
 from nrrdd_core.models.teacher import Teacher
 
-from test_experts import TINY, tiny_bundle
-
-FAST = dict(iterations=4, syn_steps=2, batch_syn=4, current_max_start_epoch=1, max_start_epoch=1,
-            expert_epochs=2, lr_img=10.0, dae_interval=1)
-NO_DAE_CAM = dict(cam_fn=lambda *a: pytest.fail("DAE must not compute a CAM at beta = 0"))
+FAST = {"iterations": 4, "syn_steps": 2, "batch_syn": 4, "current_max_start_epoch": 1,
+        "max_start_epoch": 1, "expert_epochs": 2, "lr_img": 10.0, "dae_interval": 1}
+NO_DAE_CAM = {"cam_fn": lambda *a: pytest.fail("DAE must not compute a CAM at beta = 0")}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +148,7 @@ def test_init_takes_the_first_correct_images_in_the_random_order(caplog):
 
 
 def test_init_scans_the_whole_class_in_a_seeded_random_order(setup):
-    bundle, _, path = setup
+    bundle = setup[0]
     d = make(setup, seed=5)
     d._setup()
     final = d.buffer.trajectory(d.buffer.num_experts - 1)[-1]
@@ -183,7 +187,8 @@ def test_dae_weight_is_applied_on_every_iteration_and_recomputed_every_interval(
         calls.append(len(calls))
         return maps[len(calls) - 1].clone()
 
-    frozen = dict(iterations=5, dae_interval=3, cpd_alpha=0.0, lr_img=0.0, lr_y=0.0, lr_lr=0.0)
+    frozen = {"iterations": 5, "dae_interval": 3, "cpd_alpha": 0.0, "lr_img": 0.0, "lr_y": 0.0,
+              "lr_lr": 0.0}
     dae = make(setup, dae_beta=1.0, cam_fn=cam_fn, **frozen)
     plain = make(setup, dae_beta=0.0, **NO_DAE_CAM, **frozen)
     for it in range(5):

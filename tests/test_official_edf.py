@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from nrrdd_core.cam import dae_weight
 from nrrdd_core.data.base import DataConfig, DatasetBundle, ImageSplit
 from nrrdd_core.experts import EXPERT_KIND, MANIFEST, file_sha256

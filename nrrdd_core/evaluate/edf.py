@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ from ..device import make_generator, resolve_device
 from ..dsa import DSA_STRATEGIES, dsa
 from ..errors import ConfigError, DataError, NonFiniteLossError, StoppedError
 from ..experts import seeded_model, soft_cross_entropy, zca_for
-from ..models.train import accuracy
 from ..models.teacher import Teacher
+from ..models.train import accuracy
 from .kd import EvalConfig, EvalResult, eval_epochs
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,11 +28,19 @@ from torch.func import functional_call
 
 from ..cam import dae_weight, get_cam
 from ..configs import ConfigBase, param
-from ..device import resolve_device
 from ..dsa import DSA_STRATEGIES, check_strategies, dsa
 from ..errors import ConfigError, ResourceError, TeacherMismatchError
-from ..experts import (MANIFEST, ExpertBuffer, ExpertConfig, ExpertTrainer, ParamLayout, buffer_dir,
-                       load_buffer, seeded_model, soft_cross_entropy)
+from ..experts import (
+    MANIFEST,
+    ExpertBuffer,
+    ExpertConfig,
+    ExpertTrainer,
+    ParamLayout,
+    buffer_dir,
+    load_buffer,
+    seeded_model,
+    soft_cross_entropy,
+)
 from ..unroll import UNROLLS, recompute_bytes, unroll_recompute
 from .base import Distiller, StepRecord, register_method
 
@@ -131,7 +139,7 @@ class EDFConfig(ConfigBase):
                               f"{self.current_max_start_epoch}, {self.max_start_epoch}")
         check_strategies(self.dsa_strategies.split(","))
 
-    def for_ipc(self, ipc: int) -> "EDFConfig":
+    def for_ipc(self, ipc: int) -> EDFConfig:
         """This config with the by-IPC settings resolved (``cpd_alpha=-1`` and ``dae_interval=0``
         replaced by :data:`IPC_DEFAULTS`); explicit values are kept."""
         row = IPC_DEFAULTS[1 if ipc <= 1 else 10 if ipc < 50 else 50]
@@ -218,7 +226,7 @@ def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Ten
         raise ConfigError(f"CPD alpha must be in [0, 1), got {alpha}")
     e = (theta_n - target) ** 2
     d = (theta0 - target) ** 2
-    drop = int(math.floor(alpha * e.numel()))
+    drop = math.floor(alpha * e.numel())
     if drop == 0:
         return e.sum() / d.sum(), 0
     keep = torch.topk(e.detach(), e.numel() - drop, sorted=False).indices
