@@ -121,7 +121,7 @@ def test_pages_point_to_setup_when_the_teacher_is_refused(tmp_path):
 # ---- Explorer -------------------------------------------------------------------------------
 def test_explorer_sliders_change_what_is_shown(teacher_path):
     at = app(teacher_path, "2_explorer", classes="circle")
-    at.multiselect  # noqa: B018 - page loaded
+    assert not at.exception and len(at.image) >= 1
     captions = [c for im in at.image for c in im.captions]
     assert any("non-crit" in c for c in captions)
     assert metric(at, "Images") == "4"
@@ -315,16 +315,18 @@ def test_make_run_starts_without_a_terminal(tmp_path):
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     health = f"http://127.0.0.1:{port}/_stcore/health"
+    served = False
     try:
         end = time.time() + 60
-        while time.time() < end and proc.poll() is None:
+        while time.time() < end and proc.poll() is None and not served:
             try:
                 with urllib.request.urlopen(health, timeout=1) as r:
-                    if r.read().strip() == b"ok":
-                        break
+                    served = r.read().strip() == b"ok"
             except OSError:
                 time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None and served, "no health answer within 60 s"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
     finally:
         proc.terminate()
         proc.wait(10)

@@ -55,7 +55,7 @@ def test_ui_speed_bench_tiny(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert doc["start_to_explorer_s"]["median"] > doc["start_to_explorer_s"]["server_ready_s"][0] > 0
     assert len(doc["tau_redraw_40_images_s"]["runs"]) == 2
-    assert doc["live_refinement"]["updates_per_s"] >= 0
+    assert doc["live_refinement"]["updates_per_s"] > 0
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import report
     md = report.ui_markdown(doc)
