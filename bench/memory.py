@@ -112,7 +112,7 @@ def markdown(doc: dict) -> str:
             f"load average {m['loadavg'][0] if m.get('loadavg') else 'n/a'} at start.")
     return "\n".join([head, "", common.md_table(
         ["unroll", "syn_steps", "peak - before (MiB)", "estimate (MiB)", "seconds",
-         "‖dL/dx~‖ (equal across unrolls)"], rows), ""])
+         "‖dL/dx~‖ (same up to float32 rounding)"], rows), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

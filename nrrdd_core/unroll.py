@@ -150,8 +150,11 @@ def recompute_bytes(per_step: int, per_image: int, batch: int, syn_steps: int, n
                     num_images: int, image_numel: int, num_classes: int) -> int:
     """Peak bytes of one outer iteration with :func:`unroll_recompute` (METHODS.md §5.7): the graph
     of ONE step, built with ``create_graph`` and walked once more by the vector-Jacobian product
-    (counted twice), the ``syn_steps`` stored parameter iterates ``(P,)`` float32, the adjoint and
-    the gradient accumulators of ``x~ (N,3,H,W)`` and ``Y (N,C)``.
+    (counted three times: graph, its backward's temporaries, allocator slack), the ``syn_steps``
+    stored parameter iterates ``(P,)`` float32 (plus 25 % allocator slack), the adjoint and the
+    gradient accumulators of ``x~ (N,3,H,W)`` and ``Y (N,C)``. Calibrated against
+    ``bench/memory.py`` (measured peak RSS on the CPU: 93, 116, 208 MiB at syn_steps 8, 20, 80 for
+    ConvNet-3 at 32 px, batch_syn 10).
 
     Args:
         per_step, per_image: bytes of one plain step's graph that do not / do scale with the batch
@@ -159,5 +162,5 @@ def recompute_bytes(per_step: int, per_image: int, batch: int, syn_steps: int, n
         batch: images per step. syn_steps: N_syn. numel: P. num_images: N.
         image_numel: ``3 H W``. num_classes: C.
     """
-    graph = 2 * (per_step + per_image * batch)
-    return int(graph + 4 * numel * (syn_steps + 4) + 4 * num_images * (image_numel + num_classes))
+    graph = 3 * (per_step + per_image * batch)
+    return int(graph + 5 * numel * (syn_steps + 4) + 4 * num_images * (image_numel + num_classes))
