@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from . import augment
 from .device import make_generator
 from .errors import CheckpointError, ConfigError
 from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, safe_torch_load
+from .losses import dbr_distances, mixed_ce, soft_kd_loss, student_loss  # noqa: F401 (re-exported)
 from .models.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -160,30 +160,7 @@ def replay_batch(x01: torch.Tensor, aug: BatchAug, spec: AugSpec) -> torch.Tenso
     return x_mix
 
 
-# ---- teacher values and student losses -------------------------------------------------------
-def dbr_distances(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """DBR distances (METHODS.md §4.4): ``(B,2)`` = ``[CE(p, onehot(y)), CE(p, onehot(y_pi))]`` with
-    ``p = softmax(logits / temperature)``, in nats (>= 0). Differentiable w.r.t. ``logits``."""
-    logp = F.log_softmax(logits / temperature, dim=1)
-    return -torch.stack([logp.gather(1, y[:, None])[:, 0], logp.gather(1, y_perm[:, None])[:, 0]], 1)
-
-
-def mixed_ce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor, lam: float) -> torch.Tensor:
-    """Per-sample soft cross-entropy ``(B,)`` against ``y_mix = lam e_y + (1 - lam) e_{y_pi}``
-    (temperature 1), in nats."""
-    logp = F.log_softmax(logits, dim=1)
-    return -(lam * logp.gather(1, y[:, None])[:, 0] + (1.0 - lam) * logp.gather(1, y_perm[:, None])[:, 0])
-
-
-def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """``KL(softmax(T/tau) || softmax(S/tau))``, batchmean, no ``tau^2`` (METHODS.md §1.4)."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits.float() / temperature, dim=1),
-                    reduction="batchmean", log_target=True)
-
-
+# ---- teacher values (the student losses are in nrrdd_core.losses) ---------------------------
 @dataclass(frozen=True)
 class LossSpec:
     """The student's loss (METHODS.md §1.4, 3.4).
@@ -234,29 +211,6 @@ def teacher_values(teacher: Teacher, x_mix01: torch.Tensor, y: torch.Tensor, y_p
     if spec.mode == "soft":
         return logits
     return dbr_distances(logits, y.to(dev), y_perm.to(dev), spec.dbr_temperature)
-
-
-def student_loss(student_logits: torch.Tensor, values: torch.Tensor | None, y: torch.Tensor,
-                 y_perm: torch.Tensor, lam: float, spec: LossSpec) -> tuple[torch.Tensor, dict]:
-    """The student's loss on one mixed batch and its terms (floats, for display).
-
-    - soft: :func:`soft_kd_loss` against teacher logits ``values`` ``(B,C)``.
-    - dbr: ``L_S = L_sce + alpha_dbr * L_dbr`` with ``L_sce = mean(relu(mixed_ce - r))`` and
-      ``L_dbr = mean(|d^S_org - d^T_org| + |d^S_aug - d^T_aug|)`` (squares with ``"l2"``),
-      ``values`` = teacher distances ``(B,2)`` (METHODS.md §4.4).
-    - hard: ``mean(mixed_ce)`` (one-hot targets mixed with the true fraction ``lam``).
-    """
-    if spec.mode == "soft":
-        loss = soft_kd_loss(student_logits, values, spec.temperature)
-        return loss, {"kd": float(loss.detach())}
-    if spec.mode == "hard":
-        loss = mixed_ce(student_logits, y, y_perm, lam).mean()
-        return loss, {"ce": float(loss.detach())}
-    sce = F.relu(mixed_ce(student_logits, y, y_perm, lam) - spec.dbr_radius).mean()
-    diff = dbr_distances(student_logits, y, y_perm, spec.dbr_temperature) - values.float()
-    dbr = (diff.abs() if spec.dbr_norm == "l1" else diff.pow(2)).sum(1).mean()
-    loss = sce + spec.alpha_dbr * dbr
-    return loss, {"sce": float(sce.detach()), "dbr": float(dbr.detach())}
 
 
 # ---- per-epoch label store ---------------------------------------------------------------------

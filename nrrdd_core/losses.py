@@ -1,17 +1,28 @@
-"""Losses shared by the distillation methods.
+"""Every loss of the library, in one place.
 
-:class:`BNStatsLoss` is SRe2L's BN-statistics matching loss (METHODS.md §1.2).
+- :class:`BNStatsLoss`: SRe2L's BN-statistics matching loss (METHODS.md §1.2; SRe2L recover,
+  NRR-DD refinement).
+- Student losses of the KD protocol (METHODS.md §1.4, §4.4): :func:`soft_kd_loss`,
+  :func:`dbr_distances`, :func:`mixed_ce` and :func:`student_loss` (one mixed batch, by label
+  mode; the settings are a :class:`~nrrdd_core.labels.LossSpec`).
+- Trajectory matching (METHODS.md §5.3): :func:`matching_loss` (with Common Pattern Dropout) and
+  :func:`soft_cross_entropy` (the EDF student against learnable label logits).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .labels import LossSpec
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +120,81 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
     """Mean over the batch of ``-sum_c softmax(target)_c log softmax(logits)_c`` (METHODS.md §5.3:
     EDF's student loss against learnable label logits); both ``(B, C)``, result in nats."""
     return -(F.softmax(target_logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+# ---- student losses of the KD protocol (METHODS.md §1.4, §4.4) -------------------------------
+def dbr_distances(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """DBR distances (METHODS.md §4.4): ``(B,2)`` = ``[CE(p, onehot(y)), CE(p, onehot(y_pi))]`` with
+    ``p = softmax(logits / temperature)``, in nats (>= 0). Differentiable w.r.t. ``logits``."""
+    logp = F.log_softmax(logits / temperature, dim=1)
+    return -torch.stack([logp.gather(1, y[:, None])[:, 0], logp.gather(1, y_perm[:, None])[:, 0]], 1)
+
+
+def mixed_ce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-sample soft cross-entropy ``(B,)`` against ``y_mix = lam e_y + (1 - lam) e_{y_pi}``
+    (temperature 1), in nats."""
+    logp = F.log_softmax(logits, dim=1)
+    return -(lam * logp.gather(1, y[:, None])[:, 0] + (1.0 - lam) * logp.gather(1, y_perm[:, None])[:, 0])
+
+
+def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """``KL(softmax(T/tau) || softmax(S/tau))``, batchmean, no ``tau^2`` (METHODS.md §1.4)."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits.float() / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+def student_loss(student_logits: torch.Tensor, values: torch.Tensor | None, y: torch.Tensor,
+                 y_perm: torch.Tensor, lam: float, spec: LossSpec) -> tuple[torch.Tensor, dict]:
+    """The student's loss on one mixed batch and its terms (floats, for display).
+
+    - soft: :func:`soft_kd_loss` against teacher logits ``values`` ``(B,C)``.
+    - dbr: ``L_S = L_sce + alpha_dbr * L_dbr`` with ``L_sce = mean(relu(mixed_ce - r))`` and
+      ``L_dbr = mean(|d^S_org - d^T_org| + |d^S_aug - d^T_aug|)`` (squares with ``"l2"``),
+      ``values`` = teacher distances ``(B,2)`` (METHODS.md §4.4).
+    - hard: ``mean(mixed_ce)`` (one-hot targets mixed with the true fraction ``lam``).
+    """
+    if spec.mode == "soft":
+        loss = soft_kd_loss(student_logits, values, spec.temperature)
+        return loss, {"kd": float(loss.detach())}
+    if spec.mode == "hard":
+        loss = mixed_ce(student_logits, y, y_perm, lam).mean()
+        return loss, {"ce": float(loss.detach())}
+    sce = F.relu(mixed_ce(student_logits, y, y_perm, lam) - spec.dbr_radius).mean()
+    diff = dbr_distances(student_logits, y, y_perm, spec.dbr_temperature) - values.float()
+    dbr = (diff.abs() if spec.dbr_norm == "l1" else diff.pow(2)).sum(1).mean()
+    loss = sce + spec.alpha_dbr * dbr
+    return loss, {"sce": float(sce.detach()), "dbr": float(dbr.detach())}
+
+
+# ---- trajectory matching (METHODS.md §5.3) ---------------------------------------------------
+def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Tensor,
+                  alpha: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Normalised parameter-matching loss with Common Pattern Dropout (METHODS.md §5.3 step 3, 4.4).
+
+    ``e = (theta_N - target)^2``, ``d = (theta0 - target)^2`` per scalar (``(P,)``); the
+    ``floor(alpha P)`` smallest ``e`` are dropped and ``L = sum_keep e / sum_keep d``. With
+    ``alpha = 0`` this is ``||theta_N - target||^2 / ||theta0 - target||^2``.
+
+    Args:
+        theta_n: ``(P,)`` unrolled student parameters (differentiable).
+        theta0, target: ``(P,)`` expert snapshots at ``t`` and ``t+M``.
+        alpha: CPD fraction in [0, 1).
+
+    Returns:
+        ``(L, dropped)``: scalar loss and the number of dropped entries.
+
+    Raises:
+        ConfigError: alpha outside [0, 1).
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ConfigError(f"CPD alpha must be in [0, 1), got {alpha}")
+    e = (theta_n - target) ** 2
+    d = (theta0 - target) ** 2
+    drop = math.floor(alpha * e.numel())
+    if drop == 0:
+        return e.sum() / d.sum(), 0
+    keep = torch.topk(e.detach(), e.numel() - drop, sorted=False).indices
+    return e[keep].sum() / d[keep].sum(), drop

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..experts import (
     seeded_model,
     soft_cross_entropy,
 )
+from ..losses import matching_loss
 from ..unroll import UNROLLS, recompute_bytes, unroll_recompute
 from .base import Distiller, StepRecord, register_method
 
@@ -201,36 +201,6 @@ def unroll_student(net: nn.Module, layout: ParamLayout, theta0: torch.Tensor, x_
         grad = torch.autograd.grad(ce, theta, create_graph=True)[0]
         theta = theta - lr * grad
     return theta
-
-
-def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Tensor,
-                  alpha: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Normalised parameter-matching loss with Common Pattern Dropout (METHODS.md §5.3 step 3, 4.4).
-
-    ``e = (theta_N - target)^2``, ``d = (theta0 - target)^2`` per scalar (``(P,)``); the
-    ``floor(alpha P)`` smallest ``e`` are dropped and ``L = sum_keep e / sum_keep d``. With
-    ``alpha = 0`` this is ``||theta_N - target||^2 / ||theta0 - target||^2``.
-
-    Args:
-        theta_n: ``(P,)`` unrolled student parameters (differentiable).
-        theta0, target: ``(P,)`` expert snapshots at ``t`` and ``t+M``.
-        alpha: CPD fraction in [0, 1).
-
-    Returns:
-        ``(L, dropped)``: scalar loss and the number of dropped entries.
-
-    Raises:
-        ConfigError: alpha outside [0, 1).
-    """
-    if not 0.0 <= alpha < 1.0:
-        raise ConfigError(f"CPD alpha must be in [0, 1), got {alpha}")
-    e = (theta_n - target) ** 2
-    d = (theta0 - target) ** 2
-    drop = math.floor(alpha * e.numel())
-    if drop == 0:
-        return e.sum() / d.sum(), 0
-    keep = torch.topk(e.detach(), e.numel() - drop, sorted=False).indices
-    return e[keep].sum() / d[keep].sum(), drop
 
 
 def init_from_experts(logits: torch.Tensor, c: int, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
