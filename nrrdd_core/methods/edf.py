@@ -86,17 +86,20 @@ class EDFConfig(ConfigBase):
                             lo=0.0, lo_open=True, source="ours")
     cpd_alpha: float = param(-1.0, "CPD: fraction alpha of the parameters with the smallest "
                              "errors dropped; -1 = by IPC (0 at IPC 1, 0.25 at IPC 10, 0.375 at "
-                             "IPC 50); 0 = off", lo=-1.0, hi=1.0, hi_open=True,
-                             source="code (EDF configs, loss_threshold)")
+                             "IPC 50); 0 = off; < 1", lo=-1.0,
+                             source="code (EDF edf_distill.py main, loss_threshold of the configs)")
     dae_beta: float = param(1.0, "DAE: offset beta added to the CAM at or above the threshold "
-                            "(1; 2 for ImageWoof); 0 = off", lo=0.0, source="code (EDF configs)")
+                            "(1; 2 for ImageWoof); 0 = off", lo=0.0,
+                            source="code (EDF edf_distill.py create_soft_mask, configs)")
     dae_interval: int = param(0, "DAE: CAM maps recomputed every k iterations, the stored weight "
                               "applied on every iteration; 0 = by IPC (50 at IPC 1, 100 at IPC 10 "
-                              "and 50)", unit="steps", lo=0, source="code (EDF configs)")
+                              "and 50)", unit="steps", lo=0,
+                              source="code (EDF edf_distill.py main, interval of the configs)")
     act_threshold: float = param(0.0, "DAE: CAM level from which pixels are enhanced; 0 = each "
                                  "image's mean CAM (released default), > 0 = this fixed level "
                                  "(0.5 in the CIFAR-10 IPC1000 and Tiny IPC50/100 configs)",
-                                 lo=0.0, hi=1.0, source="code (EDF create_soft_mask)")
+                                 lo=0.0, hi=1.0,
+                                 source="code (EDF edf_distill.py create_soft_mask, act_threshold)")
     dae_target: str = param("argmax_y", "DAE CAM class: argmax of the learned label logits Y "
                             "(METHODS.md §5.5, released code) or the class each image is distilled for "
                             "(stable when weak experts make argmax Y drift)",
