@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -225,9 +226,56 @@ def _randaugment(x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out).to(x01.dtype) / 255.0
 
 
+@dataclass
+class StudentAugParams:
+    """The drawn parameters of one student batch's augmentation (METHODS.md §1.4), enough to
+    replay it bit for bit (label stores, :mod:`nrrdd_core.labels`).
+
+    Attributes:
+        crops: int64 ``(B,4)`` RandomResizedCrop boxes ``(i, j, h, w)`` in source pixels.
+        flips: bool ``(B,)``, horizontal flip after the crop.
+        ra_seed: seed of the batch's RandAugment draws; ``-1`` when RandAugment is off.
+    """
+
+    crops: torch.Tensor
+    flips: torch.Tensor
+    ra_seed: int = -1
+
+
+def draw_student_augment(n: int, size: int | tuple[int, int], generator: torch.Generator,
+                         factor: float = 1, flip: bool = True,
+                         randaugment: bool = False) -> StudentAugParams:
+    """Draw the augmentation of a student batch of ``n`` images (METHODS.md §1.4, the RDED
+    protocol): RandomResizedCrop boxes with area scale ``(1/factor, 1)``, flips (p = 0.5) when
+    ``flip``, and a RandAugment seed when ``randaugment``, in that order from ``generator``.
+
+    Raises:
+        ConfigError: ``factor < 1``.
+    """
+    if factor < 1:
+        raise ConfigError(f"student augmentation factor must be >= 1, got {factor}")
+    crops = random_resized_crop_params(n, size, scale=(1.0 / factor, 1.0), generator=generator)
+    flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    ra_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if randaugment else -1
+    return StudentAugParams(crops, flips, ra_seed)
+
+
+def apply_student_augment(x: torch.Tensor, params: StudentAugParams) -> torch.Tensor:
+    """Apply drawn parameters to ``x`` ``(B,3,H,W)``: crop and resize back to ``(H,W)``, flip,
+    then RandAugment x2 when ``params.ra_seed >= 0`` (on [0,1] pixels; not differentiable, output
+    quantised to 1/255). Same shape, dtype and device as ``x``."""
+    out = apply_crops(x, params.crops, tuple(x.shape[-2:]))
+    out = torch.where(params.flips.to(out.device)[:, None, None, None], out.flip(3), out)
+    if params.ra_seed >= 0:
+        out = _randaugment(out, torch.Generator(device="cpu").manual_seed(int(params.ra_seed)))
+    return out
+
+
 def student_augment(x: torch.Tensor, generator: torch.Generator, factor: int = 1, flip: bool = True,
                     randaugment: bool = False) -> torch.Tensor:
-    """Augmentation of the student's training batch (METHODS.md §1.4, the RDED protocol).
+    """Augmentation of the student's training batch (METHODS.md §1.4, the RDED protocol):
+    :func:`draw_student_augment` then :func:`apply_student_augment` (what the KD evaluation's
+    batches use, through :func:`nrrdd_core.labels.draw_batch`).
 
     Per image: RandomResizedCrop with area scale ``(1/factor, 1)`` resized back to the input size,
     a horizontal flip (p = 0.5) when ``flip``, and torchvision RandAugment (2 ops) when
@@ -247,13 +295,5 @@ def student_augment(x: torch.Tensor, generator: torch.Generator, factor: int = 1
     Raises:
         ConfigError: ``factor < 1``.
     """
-    if factor < 1:
-        raise ConfigError(f"student augmentation factor must be >= 1, got {factor}")
-    boxes = random_resized_crop_params(len(x), x.shape[-2:], scale=(1.0 / factor, 1.0),
-                                       generator=generator)
-    out = apply_crops(x, boxes, tuple(x.shape[-2:]))
-    if flip:
-        out = random_flip(out, generator)
-    if randaugment:
-        out = _randaugment(out, generator)
-    return out
+    params = draw_student_augment(len(x), tuple(x.shape[-2:]), generator, factor, flip, randaugment)
+    return apply_student_augment(x, params)

@@ -34,7 +34,6 @@ from typing import Iterable, Iterator
 import torch
 
 from . import augment
-from .device import make_generator
 from .errors import CheckpointError, ConfigError
 from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, safe_torch_load
 from .losses import dbr_distances, mixed_ce, soft_kd_loss, student_loss  # noqa: F401 (re-exported)
@@ -102,11 +101,8 @@ class AugSpec:
 
 def _augment(x01: torch.Tensor, aug: BatchAug, spec: AugSpec) -> torch.Tensor:
     """Crop, flip and RandAugment of ``x01[aug.idx]`` (before mixing)."""
-    x = augment.apply_crops(x01[aug.idx.to(x01.device)], aug.crops, tuple(x01.shape[-2:]))
-    x = torch.where(aug.flips.to(x.device)[:, None, None, None], x.flip(3), x)
-    if spec.randaugment:
-        x = augment._randaugment(x, make_generator(aug.ra_seed))
-    return x
+    params = augment.StudentAugParams(aug.crops, aug.flips, aug.ra_seed if spec.randaugment else -1)
+    return augment.apply_student_augment(x01[aug.idx.to(x01.device)], params)
 
 
 def draw_batch(x01: torch.Tensor, idx: torch.Tensor, spec: AugSpec,
@@ -127,12 +123,10 @@ def draw_batch(x01: torch.Tensor, idx: torch.Tensor, spec: AugSpec,
         parameters (replay them with :func:`replay_batch`).
     """
     n = len(idx)
-    crops = augment.random_resized_crop_params(n, tuple(x01.shape[-2:]), scale=(1.0 / spec.factor, 1.0),
-                                               generator=generator)
-    flips = (torch.rand(n, generator=generator) < 0.5) if spec.flip else torch.zeros(n, dtype=torch.bool)
-    ra_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if spec.randaugment else -1
-    aug = BatchAug(idx=idx.cpu(), crops=crops, flips=flips, perm=torch.empty(0, dtype=torch.long),
-                   lam=1.0, box=None, ra_seed=ra_seed)
+    p = augment.draw_student_augment(n, tuple(x01.shape[-2:]), generator, spec.factor, spec.flip,
+                                     spec.randaugment)
+    aug = BatchAug(idx=idx.cpu(), crops=p.crops, flips=p.flips, perm=torch.empty(0, dtype=torch.long),
+                   lam=1.0, box=None, ra_seed=p.ra_seed)
     x = _augment(x01, aug, spec)
     if spec.mix == "cutmix":
         x_mix, aug.perm, aug.lam, aug.box = augment.cutmix(x, generator, beta=1.0)

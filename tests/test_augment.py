@@ -97,3 +97,24 @@ def test_student_augment_shape_seed_and_randaugment():
     assert r1.shape == x.shape and float(r1.min()) >= 0 and float(r1.max()) <= 1
     with pytest.raises(ConfigError):
         student_augment(x, _gen(0), factor=0)
+
+
+@pytest.mark.parametrize("spec_kw", [{}, {"mix": "mixup", "factor": 2, "randaugment": True},
+                                     {"flip": False}])
+def test_student_batches_use_the_public_student_augment(spec_kw):
+    """The KD protocol's batches (labels.draw_batch) are student_augment, then CutMix / Mixup."""
+    from nrrdd_core.labels import AugSpec, draw_batch
+
+    x = _images(6, 16)
+    spec = AugSpec(**spec_kw)
+    idx = torch.tensor([5, 0, 3, 1])
+    got, aug = draw_batch(x, idx, spec, _gen(11))
+    g = _gen(11)
+    pre = student_augment(x[idx], g, factor=spec.factor, flip=spec.flip,
+                          randaugment=spec.randaugment)
+    want = cutmix(pre, g)[0] if spec.mix == "cutmix" else mixup(pre, g)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if spec.flip:
+        assert not torch.equal(pre, x[idx])   # some flipped or cropped
+    else:
+        assert not aug.flips.any()
