@@ -7,7 +7,8 @@
     nrrdd distill --method nrrdd --dataset shapes --classes circle,star --ipc 10 \\
         --teacher shipped --out runs --name demo [--tau 0.5 ...]
     nrrdd evaluate runs/demo --student resnet18_small --label-mode dbr --epochs 300
-    nrrdd experts ...            (when nrrdd_core.experts is installed)
+    nrrdd experts ...            (EDF expert trajectories)
+    nrrdd ui [--server.port 8502 ...]   (the Streamlit app; flags go to streamlit run)
     nrrdd distill --method edf ...; nrrdd evaluate runs/edf_run --protocol edf
     nrrdd distill ... --teacher resnet20_cifar:cifar10_resnet20_akamaster.th   (public checkpoint)
 
@@ -22,7 +23,7 @@ This module is the console front end, so it writes results to stdout.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import sys
@@ -192,12 +193,38 @@ def teacher_and_bundle(ref: str, device, dataset: str, kwargs: dict):
 class _Bar:
     """tqdm bar usable as a ``progress(done, total, metrics)`` callback (disabled off a terminal)."""
 
+    #: A run whose estimate exceeds this many seconds gets an "estimated duration" line.
+    LONG_S = 60.0
+
     def __init__(self, desc: str, total: int | None = None) -> None:
         self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.desc = desc
+        self.first: tuple[int, float] | None = None  # (done, time) after the first (warm-up) step
+        self.estimated = False
+
+    def estimate(self, done: int, total: int | None) -> str | None:
+        """``"estimated duration ..."`` once the steps after the first one give a rate (3 steps
+        or 5 s) and the run would take over :attr:`LONG_S` seconds; None otherwise."""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (done, now)
+            return None
+        steps, secs = done - self.first[0], now - self.first[1]
+        if self.estimated or not total or steps <= 0 or (steps < 3 and secs < 5):
+            return None
+        self.estimated = True
+        left = (total - done) * secs / steps
+        if left < self.LONG_S:
+            return None
+        return (f"{self.desc}: estimated duration {_duration(left)} more ({total - done} steps "
+                f"at {secs / steps:.3g} s each); Ctrl-C stops and keeps what is done")
 
     def __call__(self, done: int, total: int | None = None, metrics: dict | None = None) -> None:
         if total is not None:
             self.bar.total = total
+        msg = self.estimate(done, self.bar.total)
+        if msg:
+            self.bar.write(msg, file=sys.stderr)
         self.bar.n = done
         if metrics:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
@@ -206,6 +233,14 @@ class _Bar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """``"3 h 05 min"``, ``"12 min"`` or ``"45 s"``."""
+    m = round(seconds / 60)
+    if m >= 60:
+        return f"{m // 60} h {m % 60:02d} min"
+    return f"{m} min" if m >= 1 else f"{seconds:.0f} s"
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -231,7 +266,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from .models import TeacherTrainConfig, train_teacher
 
+    from .export import check_output_file
+
     cfg = config_from_args(TeacherTrainConfig, args)
+    check_output_file(args.out)  # before the training, not after it
     bundle = load_bundle(args.dataset, dataset_kwargs(args), _classes(args.classes))
     bar = _Bar("teacher", cfg.epochs)
     try:
@@ -254,47 +292,88 @@ def _peek_method(argv: Sequence[str]) -> str | None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .export import build_manifest, check_name, default_runs_root, save_run
-    from .methods import get_method, make_distiller, run_distiller
+    from .distributed import from_env
+    from .export import check_name, default_runs_root, release_run, reserve_run
 
     if args.ipc < 1:
         raise ConfigError(f"--ipc must be >= 1, got {args.ipc}")
+    dist = from_env(args.device)  # under torchrun: this rank's process group and device
+    try:
+        if dist.world > 1:
+            args.device = str(dist.device)
+        if not dist.writes:  # rank > 0: selects its share of the classes, rank 0 writes the run
+            return _distill(args, None, "", dist)
+        name = check_name(args.name or f"{args.method}_{args.dataset}_ipc{args.ipc}_s{args.seed}")
+        root = Path(args.out) if args.out else default_runs_root()
+        reserve_run(root, name, args.overwrite)  # output folder and name checked before any work
+        try:
+            return _distill(args, root, name, dist)
+        finally:
+            release_run(root, name)
+    finally:
+        dist.close()
+
+
+def _distill(args: argparse.Namespace, root: Path | None, name: str, dist) -> int:
+    """``nrrdd distill`` once the output is reserved. Ctrl-C or a non-finite loss still saves
+    the images so far as a run marked ``complete: false`` with the reason in ``stopped``."""
+    from .errors import NonFiniteLossError
+    from .export import build_manifest, save_run
+    from .methods import get_method, make_distiller
+
     cfg = config_from_args(get_method(args.method).Config, args)
     kw = dataset_kwargs(args)
-    name = check_name(args.name or f"{args.method}_{args.dataset}_ipc{args.ipc}_s{args.seed}")
-    root = Path(args.out) if args.out else default_runs_root()
-    if (root / name).exists() and not args.overwrite:
-        raise ConfigError(f"run {root / name} already exists: pick another --name or pass --overwrite")
     teacher, bundle = teacher_and_bundle(args.teacher, args.device, args.dataset, kw)
+    teacher = teacher.with_pass_options(args.bf16, args.channels_last)
     classes = bundle.resolve_classes(_classes(args.classes))
     t0 = time.perf_counter()
     d = make_distiller(args.method, cfg, teacher=teacher, dataset=bundle, classes=classes,
                        ipc=args.ipc, device=args.device, seed=args.seed)
     bar = _Bar(args.method)
+    failure: NonFiniteLossError | KeyboardInterrupt | None = None
     try:
-        run_distiller(d, callback=lambda rec: bar(rec.step + 1, rec.total, rec.losses))
+        try:
+            dist.run(d, callback=lambda rec: bar(rec.step + 1, rec.total, rec.losses))
+        except (KeyboardInterrupt, NonFiniteLossError) as exc:
+            failure = exc
         images, labels = d.images()
         extras = d.export_extras()
     finally:
         bar.close()
         d.close()
+    if root is None:
+        return 0
     seconds = time.perf_counter() - t0
     steps = [r.seconds for r in d.history]
+    progress = f"{d.step_index} of {d.total_steps} steps"
+    status = {} if failure is None else {"complete": False, "stopped": (
+        f"interrupted (Ctrl-C) after {progress}" if isinstance(failure, KeyboardInterrupt)
+        else f"{' '.join(str(failure).split())} ({progress})")}
     manifest = build_manifest(
-        method=args.method, config=cfg.to_dict(), teacher=teacher, bundle=bundle, classes=classes,
+        method=args.method, config=d.config.to_dict(), teacher=teacher, bundle=bundle, classes=classes,
         ipc=args.ipc, seed=args.seed, teacher_ref=teacher_ref(args.teacher), dataset_args=kw,
-        device=str(d.device),
-        timings={"seconds": seconds, "steps": len(steps),
+        device=str(d.device), **status,
+        timings={"seconds": seconds, "steps": len(steps), "processes": dist.world,
                  "seconds_per_step": sum(steps) / len(steps) if steps else None})
-    path = save_run(root, name, images, labels, manifest, fmt=args.format, overwrite=args.overwrite,
-                    extras=extras)
-    print(f"{args.method}: {len(images)} images in {seconds:.1f} s -> {path}")
-    return 0
+    path = None
+    if len(images):
+        path = save_run(root, name, images, labels, manifest, fmt=args.format,
+                        overwrite=args.overwrite, extras=extras)
+    if failure is None:
+        print(f"{args.method}: {len(images)} images in {seconds:.1f} s -> {path}")
+        return 0
+    kept = f"the images so far are saved as a stopped run in {path}" if path else \
+        "no images yet, nothing saved"
+    if isinstance(failure, KeyboardInterrupt):
+        print(f"interrupted after {progress}: {kept}", file=sys.stderr)
+        return 130
+    print(f"error: {' '.join(str(failure).split())}; {kept}", file=sys.stderr)
+    return 2
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate_student
-    from .export import load_run, save_eval
+    from .export import load_run, run_test_classes, save_eval
     from .models.ref import TeacherRef
 
     cfg = config_from_args(EvalConfig, args)
@@ -305,7 +384,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ref = teacher_ref(args.teacher) if args.teacher else str(TeacherRef.of_manifest(m))
     entry = args.dataset or ds.get("source", {}).get("dataset") or ds.get("name", "shapes")
     teacher, bundle = teacher_and_bundle(ref, args.device, entry, kw)
-    classes = _classes(args.classes) or ds.get("classes")
+    classes = run_test_classes(m, bundle, _classes(args.classes))  # only the run's classes
     bar = _Bar(f"student ({cfg.protocol})", cfg.num_epochs)
     try:
         res = evaluate_student(run.images01, run.labels, teacher, bundle, cfg, device=args.device,
@@ -313,7 +392,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                extras=run.extras)
     finally:
         bar.close()
-    out = save_eval(run.path, {**res.to_dict(), "teacher_ref": ref})
+    out = save_eval(run.path, {**res.to_dict(), "teacher_ref": ref},
+                    dataset={"name": bundle.config.name, "entry": entry, "args": kw},
+                    test_classes=[bundle.config.class_names[c] for c in classes])
     print(f"final_acc {res.final_acc:.4f} best_acc {res.best_acc:.4f} ({cfg.protocol} protocol, "
           f"{res.config['epochs']} epochs, {res.n_test} test images, {res.seconds:.1f} s) -> {out}")
     lb = res.label_bytes
@@ -389,6 +470,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=list(FORMATS), help="image files [default png]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     _common(p)
+    p.add_argument("--bf16", action="store_true", help="teacher passes under bf16 autocast (CUDA "
+                   "only; no-op on CPU) [source ours]")
+    p.add_argument("--channels-last", action="store_true", help="teacher passes in channels_last "
+                   "layout (CUDA only; no-op on CPU) [source ours]")
     method = _peek_method(argv)
     if method in methods:
         add_config_args(p, get_method(method).Config)
@@ -403,20 +488,49 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     add_config_args(p, EvalConfig)
     p.set_defaults(func=cmd_evaluate)
 
-    if importlib.util.find_spec(f"{__package__}.experts") is not None:
-        from .experts import ExpertConfig
+    from .experts import ExpertConfig
 
-        p = sub.add_parser("experts", help="train expert trajectories (EDF buffer)")
-        _add_dataset_args(p)
-        _common(p)
-        add_config_args(p, ExpertConfig)
-        p.set_defaults(func=cmd_experts)
+    p = sub.add_parser("experts", help="train expert trajectories (EDF buffer)")
+    _add_dataset_args(p)
+    _common(p)
+    add_config_args(p, ExpertConfig)
+    p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("ui", help="start the Streamlit app (needs the 'app' extra)",
+                       description="Start the NRR-DD Studio app in the browser: `python -m studio`, "
+                       "i.e. `streamlit run app.py` with a start-up warm-up. Every other flag goes "
+                       "to `streamlit run` unchanged, e.g. `nrrdd ui --server.port 8502 "
+                       "--server.headless true` (see `streamlit run --help`).")
+    p.add_argument("streamlit_flags", nargs="*", metavar="STREAMLIT_FLAG",
+                   help="flags for `streamlit run`")
+    p.set_defaults(func=lambda a: cmd_ui(a.streamlit_flags))
     return ap
+
+
+def cmd_ui(streamlit_flags: Sequence[str]) -> int:
+    """Start the app (``python -m studio [flags]``; its script and pages are installed with the
+    package). The library does not import the app: it is looked up by module name here only.
+
+    Raises:
+        ConfigError: Streamlit (the ``app`` extra) is not installed.
+    """
+    try:
+        importlib.import_module("streamlit")
+    except ModuleNotFoundError as exc:
+        raise ConfigError("`nrrdd ui` needs the app's dependencies: pip install "
+                          "'nrrdd-studio[app]'") from exc
+    return importlib.import_module("studio.__main__").main(list(streamlit_flags))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nrrdd`` command; returns the exit code (0 ok, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ui"] and not {"-h", "--help"} & set(argv[1:]):
+        try:  # Streamlit's own flags, untouched (argparse would take --server.port for its own)
+            return cmd_ui(argv[1:])
+        except NrrddError as exc:
+            print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+            return 2
     try:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as exc:  # --help, --version, argparse errors (already printed)
@@ -434,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NrrddError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
