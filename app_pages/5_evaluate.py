@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from nrrdd_core.evaluate import EvalConfig
+from nrrdd_core.evaluate.edf import RUN_EXTRAS
 from nrrdd_core.export import default_runs_root, list_runs
 from nrrdd_core.models import list_models
 from studio import jobs, runners, settings, widgets
@@ -15,10 +16,6 @@ LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances
 PROTOCOL_NAMES = {"kd": "KD (METHODS.md §1.4)", "edf": "EDF (METHODS.md §5.6)"}
 PROTOCOLS = {"kd": f"{PROTOCOL_NAMES['kd']}: student distilled from the teacher's labels",
              "edf": f"{PROTOCOL_NAMES['edf']}: ConvNet-IN on the run's learned labels and lr"}
-try:
-    from nrrdd_core.evaluate.edf import RUN_EXTRAS
-except ImportError:  # a build without the EDF protocol
-    RUN_EXTRAS = ()
 
 
 def has_edf_extras(manifest: dict) -> bool:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything into .venv (created if missing) and run the whole test suite.
+# Install everything into .venv (created if missing), lint with ruff and run the whole test suite.
 # Used by `make test` and by CI (.ci/run). Installs Debian's chromium for the browser test
 # when it is missing and we are root.
 set -euo pipefail
@@ -13,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1; then
       || echo "warning: could not install chromium; the browser test will be skipped" >&2
   fi
 fi
+# Lint first (rules in pyproject.toml [tool.ruff.lint]): a finding fails the run.
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q "$@"

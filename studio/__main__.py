@@ -2,7 +2,8 @@
 
 The same as ``streamlit run app.py [flags]``, except that :func:`studio.warm.start` imports torch
 and ``nrrdd_core``, loads the built-in dataset and runs the teacher once while the server boots
-and the browser connects (measured in ``bench/ui_speed.py``).
+and the browser connects (measured in ``bench/ui_speed.py``). ``nrrdd ui [flags]`` runs this too,
+also from a non-editable install (the app's script and pages are package data).
 """
 
 import os
@@ -13,12 +14,28 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def app_script() -> Path:
+    """The app's main script: ``app.py`` at the repository root in a checkout (and an editable
+    install), else the installed copy ``studio/streamlit_app/app.py`` (package data, with its
+    ``app_pages/`` and ``.streamlit/config.toml`` beside it, see pyproject.toml).
+
+    Raises:
+        FileNotFoundError: neither exists (a broken install).
+    """
+    here = Path(__file__).resolve().parent
+    for path in (here.parent / "app.py", here / "streamlit_app" / "app.py"):
+        if path.is_file() and (path.parent / "app_pages").is_dir():
+            return path
+    raise FileNotFoundError(f"the app's app.py is missing beside {here}; reinstall nrrdd-studio")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``streamlit run APP [argv]`` after starting the warm-up; returns Streamlit's exit code."""
     from streamlit.web import cli
 
     from studio import warm
 
-    app = Path(__file__).resolve().parents[1] / "app.py"
+    app = app_script()
     warm.start()
     sys.argv = ["streamlit", "run", str(app), *(sys.argv[1:] if argv is None else argv)]
     return cli.main()

@@ -1,10 +1,4 @@
-"""Imports every built-in dataset module so that each registers itself."""
+"""Imports every built-in dataset module so that each registers itself (a missing module is an
+error, not a dataset silently left out)."""
 
-import importlib
-
-for _mod in ("shapes", "npz", "torchvision_sets", "imagefolder"):
-    try:
-        importlib.import_module(f"{__package__}.{_mod}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.{_mod}":
-            raise
+from . import shapes, npz, torchvision_sets, imagefolder, stream  # noqa: F401, I001 - registration order

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,18 +47,13 @@ def evaluate_student(images01: torch.Tensor, labels: torch.Tensor, teacher: Teac
     ``kwargs`` win); the KD protocol uses none of them.
 
     Raises:
-        ConfigError: the EDF protocol is asked for but not installed, or bad settings.
+        ConfigError: bad settings.
         (and the errors of the protocol function).
     """
     cfg = cfg or EvalConfig()
     if cfg.protocol == "edf":
-        try:
-            edf = importlib.import_module(f"{__name__}.edf")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.edf":
-                raise
-            raise ConfigError("the edf evaluation protocol is not available in this build; "
-                              "use protocol=kd") from exc
+        from . import edf  # imported on first use (it imports the EDF method's modules)
+
         kwargs = {**{k: v for k, v in (extras or {}).items() if k in edf.RUN_EXTRAS}, **kwargs}
         return edf.evaluate_edf(images01, labels, teacher, bundle, cfg, device=device, seed=seed,
                                 progress=progress, should_stop=should_stop, classes=classes, **kwargs)
