@@ -22,8 +22,8 @@ import torch
 from ..data.base import DatasetBundle
 from ..errors import ConfigError
 from ..models.teacher import Teacher
-from .kd import (EvalConfig, EvalResult, default_batch_size, eval_epochs, evaluate_kd,
-                 random_real_subset, smoothing_lr)
+from .kd import EvalConfig, default_batch_size, evaluate_kd, random_real_subset, smoothing_lr
+from .loop import EvalResult, eval_epochs
 
 
 def evaluate_student(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher,

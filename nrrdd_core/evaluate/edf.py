@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from ..data.base import DatasetBundle
 from ..device import make_generator, resolve_device
 from ..dsa import DSA_STRATEGIES, dsa
-from ..errors import ConfigError, DataError, NonFiniteLossError, StoppedError
+from ..errors import ConfigError, DataError, NonFiniteLossError
 from ..experts import seeded_model, soft_cross_entropy, zca_for
 from ..models.teacher import Teacher
 from ..models.train import accuracy
-from .kd import EvalConfig, EvalResult, eval_epochs
+from .kd import EvalConfig
+from .loop import (EvalResult, check_distilled_set, distilled_test_split, eval_epochs, make_result,
+                   run_epochs)
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +87,14 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
     if labels.ndim == 2 and label_logits is None:
         label_logits, labels = labels, labels.argmax(1)
     n = len(images01)
-    if images01.ndim != 4 or n == 0 or len(labels) != n or (label_logits is not None and len(label_logits) != n):
-        raise DataError(f"need images (N,3,S,S) with N >= 1 and N labels; got {tuple(images01.shape)}")
-    if tuple(images01.shape[1:]) != (3, dc.image_size, dc.image_size):
-        raise DataError(f"images are {tuple(images01.shape[1:])}, dataset is {dc.image_size}px")
+    labels = check_distilled_set(images01, labels, dc.image_size, "the dataset")
+    if label_logits is not None and len(label_logits) != n:
+        raise DataError(f"need one row of label logits per image: {len(label_logits)} for {n}")
     lr = float(syn_lr) if syn_lr is not None else DEFAULT_LR
     if not lr > 0:
         raise ConfigError(f"EDF evaluation lr must be > 0, got {lr}")
     epochs = int(epochs or cfg.num_epochs)
-    labels = labels.detach().cpu().long()
-    cls = sorted(set(labels.tolist())) if classes is None else bundle.resolve_classes(classes)
-    keep = torch.isin(bundle.test.y, torch.tensor(cls))
-    if not bool(keep.any()):
-        raise DataError(f"dataset {dc.name} has no test images of classes {cls}")
+    _, test = distilled_test_split(bundle, labels, classes)
 
     zca = zca_for(bundle, zca_eps) if zca_eps else None
 
@@ -112,8 +109,7 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
         x = images_float.detach().float().to(dev)
     else:
         x = prepare(images01.detach().cpu()).to(dev)
-    x_test = prepare(bundle.test.float01(torch.nonzero(keep).flatten()))
-    y_test = bundle.test.y[keep]
+    x_test, y_test = prepare(test.float01()), test.y
     y = labels.to(dev)
     targets = label_logits.detach().to(dev).float() if label_logits is not None else None
     gen = make_generator(seed)
@@ -122,14 +118,11 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     batch = min(cfg.batch_size or DEFAULT_BATCH, n)
     tested = set(eval_epochs(epochs, cfg.eval_every))
-    history: list[dict] = []
-    for epoch in range(epochs):
-        if should_stop is not None and should_stop():
-            raise StoppedError(f"EDF evaluation stopped in epoch {epoch + 1}/{epochs}")
+
+    def train_epoch(epoch: int) -> dict:
         if epoch == epochs // 2 and epoch > 0:
             for g in opt.param_groups:
                 g["lr"] *= 0.1
-        te = time.perf_counter()
         model.train()
         total = 0.0
         for idx in torch.randperm(n, generator=gen).split(batch):
@@ -143,18 +136,13 @@ def evaluate_edf(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher 
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        rec = {"epoch": epoch + 1, "loss": total / n, "lr": opt.param_groups[0]["lr"]}
-        if epoch in tested:
-            rec["acc"] = accuracy(model, x_test, y_test)
-        rec["seconds"] = time.perf_counter() - te
-        history.append(rec)
-        if progress is not None:
-            progress(epoch + 1, epochs, rec)
-    accs = [r["acc"] for r in history if "acc" in r]
+        return {"loss": total / n, "lr": opt.param_groups[0]["lr"]}
+
+    history = run_epochs(epochs, train_epoch, lambda: accuracy(model, x_test, y_test), tested,
+                         progress, should_stop, "EDF evaluation")
     conf = {**cfg.to_dict(), "protocol": "edf", "seed": int(seed), "batch_size": batch, "epochs": epochs,
             "lr": lr, "student": "convnet_in", "arch": "convnet_in", "arch_kwargs": kw,
             "zca_eps": zca_eps, "label_mode": "soft" if targets is not None else "hard",
             "soft_labels": targets is not None,
             "inputs": "float" if images_float is not None else "images01"}
-    return EvalResult(final_acc=accs[-1], best_acc=max(accs), history=history,
-                      seconds=time.perf_counter() - t0, n_test=int(keep.sum()), config=conf)
+    return make_result(history, t0, len(test), conf)

@@ -15,14 +15,14 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..configs import ConfigBase, param
-from ..data.base import DatasetBundle, ImageSplit, to_float01, to_uint8
+from ..data.base import DatasetBundle, to_float01, to_uint8
 from ..device import make_generator, resolve_device
 from ..errors import ConfigError, DataError, NonFiniteLossError, StoppedError
 from ..io import config_key
@@ -31,10 +31,10 @@ from ..labels import (DBR_VALUES, DEFAULT_TEMPERATURE, LABEL_MODES, MIX_MODES, A
 from ..models import build_model, list_models
 from ..models.teacher import Teacher
 from ..models.train import evaluate_accuracy
+from .loop import (EvalResult, ProgressFn, check_distilled_set, distilled_test_split,  # noqa: F401 (re-exported)
+                   eval_epochs, make_result, run_epochs)
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[int, int, dict], None]
 
 #: Student epochs of each protocol when ``EvalConfig.epochs`` is 0 (METHODS.md §1.4: 300; METHODS.md §5.6: 1000).
 PROTOCOL_EPOCHS = {"kd": 300, "edf": 1000}
@@ -101,35 +101,6 @@ class EvalConfig(ConfigBase):
         return {k: getattr(self, f"student_{k}") for k in ("depth", "width") if getattr(self, f"student_{k}")}
 
 
-@dataclass
-class EvalResult:
-    """Outcome of a student evaluation.
-
-    Attributes:
-        final_acc: top-1 in [0, 1] after the last epoch.
-        best_acc: best top-1 in [0, 1] over the evaluated epochs (:func:`eval_epochs`).
-        history: one dict per epoch: ``epoch`` (1-based), ``loss``, ``lr``, ``seconds``, the loss
-            terms, and ``acc`` on evaluated epochs.
-        seconds: wall time of the whole evaluation.
-        n_test: number of real test images used.
-        label_bytes: :func:`~nrrdd_core.labels.label_storage_bytes` of the stored labels (all
-            zero when labels were computed online).
-        config: the :class:`EvalConfig` as a dict, with the ``epochs``, ``seed`` and
-            ``batch_size`` used.
-    """
-
-    final_acc: float
-    best_acc: float
-    history: list[dict]
-    seconds: float
-    n_test: int
-    label_bytes: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def default_batch_size(ipc: float, num_classes: int, num_images: int) -> int:
     """METHODS.md §1.4 batch rule: IPC <= 1 -> 10, <= 10 -> 50, else 100; x2 for >= 100 classes;
     capped at ``num_images``."""
@@ -137,22 +108,6 @@ def default_batch_size(ipc: float, num_classes: int, num_images: int) -> int:
     if num_classes >= 100:
         b *= 2
     return max(1, min(b, int(num_images)))
-
-
-def eval_epochs(epochs: int, every: int = 0) -> list[int]:
-    """0-based epochs after which the student is tested.
-
-    ``every = 0``: METHODS.md §1.4, epochs ``e`` with ``e % 10 == 9 and e > 0.8E``; when that gives fewer
-    than two, every epoch in the last 20 % (``e + 1 > 0.8E``). ``every = k``: every k-th epoch.
-    The last epoch is always included.
-    """
-    if every:
-        out = {e for e in range(epochs) if e % every == every - 1}
-    else:
-        out = {e for e in range(epochs) if e % 10 == 9 and e > 0.8 * epochs}
-        if len(out) < 2:
-            out = {e for e in range(epochs) if e + 1 > 0.8 * epochs}
-    return sorted(out | {epochs - 1})
 
 
 def smoothing_lr(epoch: int, epochs: int) -> float:
@@ -220,20 +175,10 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
     dev = resolve_device(device)
     teacher.check_compatible(bundle.config)
     dc = teacher.data_config
-    if images01.ndim != 4 or len(images01) == 0 or len(images01) != len(labels):
-        raise DataError(f"need images (N,3,S,S) with N >= 1 and N labels; got {tuple(images01.shape)} "
-                        f"and {tuple(labels.shape)}")
-    if tuple(images01.shape[1:]) != (3, dc.image_size, dc.image_size):
-        raise DataError(f"images are {tuple(images01.shape[1:])} but the teacher expects "
-                        f"(3, {dc.image_size}, {dc.image_size})")
-    labels = labels.detach().cpu().long()
+    labels = check_distilled_set(images01, labels, dc.image_size)
     if int(labels.min()) < 0 or int(labels.max()) >= teacher.num_classes:
         raise DataError(f"labels must lie in [0, {teacher.num_classes}) (the teacher's classes)")
-    cls = sorted(set(labels.tolist())) if classes is None else bundle.resolve_classes(classes)
-    keep = torch.isin(bundle.test.y, torch.tensor(cls))
-    test = ImageSplit(bundle.test.x[keep], bundle.test.y[keep])
-    if len(test) == 0:
-        raise DataError(f"dataset {dc.name} has no test images of classes {cls}")
+    cls, test = distilled_test_split(bundle, labels, classes)
 
     x_u8 = to_uint8(images01.detach().cpu())
     n = len(x_u8)
@@ -261,9 +206,7 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
             store = SoftLabelStore(root, cfg.label_mode,
                                    num_values=teacher.num_classes if cfg.label_mode == "soft" else DBR_VALUES,
                                    num_images=n, key=_store_key(x_u8, labels, teacher, cfg, batch_size, seed))
-        history: list[dict] = []
-        for epoch in range(epochs):
-            te = time.perf_counter()
+        def train_epoch(epoch: int) -> dict:
             student.train()
             lr = opt.param_groups[0]["lr"]
             sums: dict[str, float] = {}
@@ -281,20 +224,13 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(batch.y)
             sched.step()
-            rec = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": lr}
-            if epoch in tested:
-                rec["acc"] = evaluate_accuracy(student, test, dc, dev)
-            rec["seconds"] = time.perf_counter() - te
-            history.append(rec)
-            log.info("student epoch %d/%d %s", epoch + 1, epochs, rec)
-            if progress is not None:
-                progress(epoch + 1, epochs, rec)
+            return {**{k: v / n for k, v in sums.items()}, "lr": lr}
+
+        history = run_epochs(epochs, train_epoch, lambda: evaluate_accuracy(student, test, dc, dev),
+                             tested, progress, should_stop)
         label_bytes = label_storage_bytes(store.files() if store is not None else [])
-    accs = [r["acc"] for r in history if "acc" in r]
     conf = {**cfg.to_dict(), "epochs": epochs, "seed": int(seed), "batch_size": batch_size}
-    return EvalResult(final_acc=accs[-1], best_acc=max(accs), history=history,
-                      seconds=time.perf_counter() - t0, n_test=len(test), label_bytes=label_bytes,
-                      config=conf)
+    return make_result(history, t0, len(test), conf, label_bytes)
 
 
 def random_real_subset(bundle: DatasetBundle, classes: Sequence[int | str] | None, ipc: int,
