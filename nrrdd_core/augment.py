@@ -123,36 +123,61 @@ def apply_crops(x: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int,
                       for k, b in enumerate(boxes.tolist())])
 
 
-def random_roll(x: torch.Tensor, generator: torch.Generator, max_roll: int = 4) -> torch.Tensor:
-    """Roll the whole batch by one random shift ``(dy, dx)``, each uniform in ``[-max_roll, max_roll]``
-    pixels (SRe2L's jitter; the same shift for every image)."""
-    dy, dx = _randint(generator, -max_roll, max_roll + 1), _randint(generator, -max_roll, max_roll + 1)
+def recover_jitter(image_size: int) -> tuple[int, bool]:
+    """SRe2L's released roll jitter for an input side (METHODS.md §2): ``(max_roll, symmetric)``.
+
+    The released recover scripts draw each roll offset with ``random.randint``: ``(0, 4)`` in the
+    CIFAR script (``image_size <= 32``), ``(-4, 4)`` in the Tiny-ImageNet script (``<= 64``) and
+    ``(0, 32)`` in the ImageNet script (larger). A roll is circular, so the one-sided draws shift
+    the content towards the bottom right only. Returns ``(4, False)``, ``(4, True)`` or
+    ``(32, False)``.
+    """
+    if image_size <= 32:
+        return 4, False
+    if image_size <= 64:
+        return 4, True
+    return 32, False
+
+
+def random_roll(x: torch.Tensor, generator: torch.Generator, max_roll: int = 4,
+                symmetric: bool = True) -> torch.Tensor:
+    """Roll the whole batch by one random shift ``(dy, dx)`` (SRe2L's jitter; the same shift for
+    every image): each offset uniform in ``{-max_roll, ..., max_roll}`` when ``symmetric``, else in
+    ``{0, ..., max_roll}`` (rows drawn first, then columns)."""
+    lo = -max_roll if symmetric else 0
+    dy, dx = _randint(generator, lo, max_roll + 1), _randint(generator, lo, max_roll + 1)
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
 def recover_augment(x: torch.Tensor, image_size: int, generator: torch.Generator,
-                    max_roll: int = 4) -> torch.Tensor:
+                    max_roll: int | None = None, symmetric: bool | None = None) -> torch.Tensor:
     """SRe2L's augmentation of the synthetic batch during recovery (METHODS.md §2).
 
-    At ``image_size <= 32``: one random roll by up to ``max_roll`` pixels shared by the batch. At
-    larger sizes: one RandomResizedCrop (scale 0.08-1) shared by the batch, resized back to
-    ``image_size``, then a horizontal flip (p = 0.5, shared), then the roll.
+    At ``image_size <= 32``: one random roll shared by the batch. At larger sizes: one
+    RandomResizedCrop (scale 0.08-1) shared by the batch, resized back to ``image_size``, then a
+    horizontal flip (p = 0.5, shared), then the roll.
 
     Args:
         x: synthetic images ``(N,3,S,S)`` (normalised pixels), any device.
         image_size: the teacher's input side ``S`` in pixels.
         generator: CPU ``torch.Generator``.
-        max_roll: largest roll in pixels.
+        max_roll: largest roll offset in pixels; None = the released value for ``image_size``
+            (:func:`recover_jitter`: 4, 4 or 32).
+        symmetric: offsets in ``{-max_roll..max_roll}`` (True) or ``{0..max_roll}`` (False);
+            None = the released rule for ``image_size`` (:func:`recover_jitter`).
 
     Returns:
         augmented images, same shape and device as ``x``; differentiable w.r.t. ``x``.
     """
+    auto_roll, auto_sym = recover_jitter(image_size)
+    max_roll = auto_roll if max_roll is None else int(max_roll)
+    symmetric = auto_sym if symmetric is None else bool(symmetric)
     if image_size > 32:
         box = random_resized_crop_params(1, x.shape[-2:], generator=generator)[0]
         x = _resized_crop(x, *[int(v) for v in box], [image_size, image_size])
         if _uniform(generator) < 0.5:
             x = x.flip(3)
-    return random_roll(x, generator, max_roll)
+    return random_roll(x, generator, max_roll, symmetric)
 
 
 def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0

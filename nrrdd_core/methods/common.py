@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..augment import apply_crops, random_resized_crop_params, recover_augment
+from ..augment import apply_crops, random_resized_crop_params, recover_augment, recover_jitter
 from ..cam import cam_ratio
 from ..configs import ConfigBase, param
-from ..device import make_generator
+from ..device import class_generator, make_generator
 from ..errors import ConfigError
 from ..losses import BNStatsLoss
 from ..models.teacher import Teacher
@@ -125,6 +125,119 @@ def patch_cross_entropy(teacher: Teacher, patches_norm: torch.Tensor, target: in
         tgt = torch.full((len(logits),), int(target), dtype=torch.long, device=logits.device)
         out.append(F.cross_entropy(logits, tgt, reduction="none").cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+#: CIDD confidence readings (METHODS.md §4.2): the teacher's probability of the patch's own class,
+#: or its highest probability over all classes (the paper's "highest prediction probability").
+CONFIDENCES = ("true_class", "max_prob")
+
+
+@torch.no_grad()
+def patch_log_confidence(teacher: Teacher, patches_norm: torch.Tensor, target: int,
+                         confidence: str = "true_class") -> torch.Tensor:
+    """CIDD's confidence of each normalised patch, as a log-probability (METHODS.md §4.2 step 3).
+
+    ``"true_class"``: ``log softmax(T(pad_H(p)))_target`` (equal to ``-CE``, the RDED score
+    negated); ``"max_prob"``: ``max_k log softmax(T(pad_H(p)))_k``, the paper's "highest
+    prediction probability". Batches of :data:`SCORE_BATCH` under ``no_grad``.
+
+    Args:
+        teacher: frozen teacher. patches_norm: ``(P,3,s,s)`` normalised patches on its device.
+        target: class index (teacher logit order). confidence: one of :data:`CONFIDENCES`.
+
+    Returns:
+        float32 ``(P,)`` log-probabilities (<= 0) on the CPU.
+
+    Raises:
+        ConfigError: unknown ``confidence``.
+    """
+    if confidence not in CONFIDENCES:
+        raise ConfigError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    size = teacher.data_config.image_size
+    out = []
+    for k in range(0, len(patches_norm), SCORE_BATCH):
+        logp = F.log_softmax(teacher(pad_center(patches_norm[k:k + SCORE_BATCH], size)).float(), 1)
+        out.append((logp[:, int(target)] if confidence == "true_class" else logp.max(1).values).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def float64_model(teacher: Teacher) -> torch.nn.Module:
+    """A float64 copy of the teacher's network (eval mode, no grad) for float64 patch scoring
+    (:func:`patch_scores`); the teacher itself is not changed."""
+    import copy
+
+    model = copy.deepcopy(teacher.model).double().eval()
+    return model.requires_grad_(False)
+
+
+@torch.no_grad()
+def patch_scores(teacher: Teacher, patches_norm: torch.Tensor, target: int,
+                 precision: str = "float32", model64: torch.nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RDED's patch score ``CE(T(pad_H(p)), target)`` and the teacher's logit margin of each
+    normalised patch (METHODS.md §3), in batches of :data:`SCORE_BATCH`.
+
+    With a confident teacher many float32 scores are exactly 0.0 (the class probability rounds to
+    1), so their order is a tie; ``precision="float64"`` runs the teacher in float64 on the
+    float32 patches (as the golden float64 run of the released code), and the margin
+    ``logit_target - max_{k != target} logit_k`` can break the ties (METHODS.md §3, ties).
+
+    Args:
+        teacher: frozen teacher (input side ``H = teacher.data_config.image_size``).
+        patches_norm: ``(P,3,s,s)`` normalised patches on the teacher's device.
+        target: class index (teacher logit order).
+        precision: ``"float32"`` (the released code) or ``"float64"``.
+        model64: the float64 network for ``precision="float64"`` (:func:`float64_model`; made
+            here when None).
+
+    Returns:
+        ``(ce, margin)``: ``(P,)`` cross-entropies in nats and logit margins, float64 when
+        ``precision="float64"`` else float32, on the CPU (NaN/inf if the teacher gives them).
+
+    Raises:
+        ValueError: unknown ``precision``.
+    """
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    if precision == "float64" and model64 is None:
+        model64 = float64_model(teacher)
+    size = teacher.data_config.image_size
+    ces, margins = [], []
+    for k in range(0, len(patches_norm), SCORE_BATCH):
+        x = pad_center(patches_norm[k:k + SCORE_BATCH], size)
+        logits = model64(x.double()) if precision == "float64" else teacher(x).float()
+        tgt = torch.full((len(logits),), int(target), dtype=torch.long, device=logits.device)
+        ces.append(F.cross_entropy(logits, tgt, reduction="none").cpu())
+        others = logits.clone()
+        others[:, int(target)] = -torch.inf
+        margins.append((logits[:, int(target)] - others.max(1).values).cpu())
+    if not ces:
+        dtype = torch.float64 if precision == "float64" else torch.float32
+        return torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=dtype)
+    return torch.cat(ces), torch.cat(margins)
+
+
+def rank(key: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices that sort ``key`` ascending along the last dimension (lower = better; METHODS.md
+    §3): a stable sort, so exact ties keep index order (the released code's ``argsort`` leaves
+    them undefined); with ``margin`` (same shape), exact ties go to the larger margin first.
+
+    Returns:
+        int64 indices, same shape as ``key``.
+    """
+    if margin is None:
+        return torch.sort(key, dim=-1, stable=True).indices
+    by_margin = torch.sort(-margin, dim=-1, stable=True).indices
+    then_key = torch.sort(torch.gather(key, -1, by_margin), dim=-1, stable=True).indices
+    return torch.gather(by_margin, -1, then_key)
+
+
+def count_ties(key: torch.Tensor) -> int:
+    """Number of entries of ``key`` (1-D) whose value equals another entry's exactly."""
+    if len(key) < 2:
+        return 0
+    _, counts = torch.unique(key, return_counts=True)
+    return int(counts[counts > 1].sum())
 
 
 def stitch(patches: torch.Tensor, ipc: int, factor: int, size: int) -> torch.Tensor:
@@ -259,12 +372,18 @@ class PatchSelectionDistiller(Distiller):
 
     For class ``c`` the first step draws ``n_c = min(mipc, #images of c)`` real images
     (:meth:`Distiller.real_indices`) and ``num_crops`` candidate boxes for each
-    (:func:`candidate_boxes`), all with the run's generator, so the result does not depend on
-    ``images_per_step``. Each step scores ``images_per_step`` of those images through
+    (:func:`candidate_boxes`), all with the class's own generator
+    (:func:`~nrrdd_core.device.class_generator` of the run's seed and ``c``), so the result does
+    not depend on ``images_per_step`` nor on the other classes (:meth:`shard`). Each step scores ``images_per_step`` of those images through
     :meth:`_rank_chunk` (subclass), which returns the candidates it keeps and a rank key (lower =
     better). When the class is complete the ``ipc * factor**2`` best candidates (stable order) are
     cropped again, stitched (:func:`stitch`) and written to :attr:`x0` (normalised,
     ``(N,3,H,W)``; slots of classes not selected yet hold black images).
+
+    Each step's record carries ``"ties"`` (in ``losses`` as a float, for charts and the CLI, and
+    in ``info``): how many candidates of the class scored so far share their rank key exactly with
+    another (float32 teacher scores of 0.0 are common), and on the class's last step
+    ``info["tie_at_cut"]``: whether the kept set was decided by the tie-break.
 
     Subclasses set :attr:`per_image` (candidates kept per real image) and implement
     :meth:`_rank_chunk`; they call :meth:`_select_step` from ``_step`` for the first
@@ -278,6 +397,10 @@ class PatchSelectionDistiller(Distiller):
     """
 
     per_image: int = 1
+    #: crop and resize the [0,1] images, then normalise the patches (the released RDED order;
+    #: in float64 scoring the other order differs by ~1e-5): ``_rank_chunk`` then gets [0,1]
+    #: images. False: ``_rank_chunk`` gets normalised images and crops them.
+    crop_01: bool = False
 
     def __init__(self, config: PatchSelectionConfig, **kwargs) -> None:
         super().__init__(config, **kwargs)
@@ -303,6 +426,14 @@ class PatchSelectionDistiller(Distiller):
         self.x0 = lo.expand(len(self.classes) * self.ipc, 3, self.size, self.size).clone()
         self.labels = class_labels(self.classes, self.ipc)
         self._cand: dict | None = None  # candidates of the class in progress
+        self._gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def shard(self, rank: int, world: int, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Select only the classes at positions ``p`` with ``p mod world == rank``
+        (:mod:`nrrdd_core.distributed`); after this rank's last selection step :attr:`x0` is
+        replaced by ``gather(x0)`` (every rank's classes). Call before the first step."""
+        self._plan = [s for s in self._plan if s[0] % world == rank]
+        self._gather = gather
 
     @property
     def select_steps(self) -> int:
@@ -326,8 +457,9 @@ class PatchSelectionDistiller(Distiller):
 
         Returns:
             ``(image, box, key, losses)``: kept candidates' image index in the chunk ``(P,)``
-            int64, their boxes ``(P,4)``, rank keys ``(P,)`` (lower = better; finite), and loss
-            terms for the StepRecord.
+            int64, their boxes ``(P,4)``, rank keys ``(P,)`` (lower = better; finite) or
+            ``(P, 2)`` (primary key, then a secondary key for exact ties, lower = better), and
+            loss terms for the StepRecord.
         """
 
     def _select_step(self) -> StepRecord:
@@ -335,31 +467,52 @@ class PatchSelectionDistiller(Distiller):
         pos, a, b = self._plan[self.step_index]
         c = self.classes[pos]
         if a == 0:
-            idx = self.real_indices(c, self.config.mipc)
+            gen = class_generator(self.seed, c)
+            idx = self.real_indices(c, self.config.mipc, gen)
             self._cand = {"index": idx, "boxes": candidate_boxes(
-                len(idx), self.config.num_crops, self.size, self.generator, self.config.min_scale),
+                len(idx), self.config.num_crops, self.size, gen, self.config.min_scale),
                 "image": [], "box": [], "key": []}
         cand = self._cand
-        img, box, key, losses = self._rank_chunk(c, self._real_norm(cand["index"][a:b]),
+        chunk = cand["index"][a:b]
+        x = self.dataset.train.float01(chunk).to(self.device) if self.crop_01 else \
+            self._real_norm(chunk)
+        img, box, key, losses = self._rank_chunk(c, x,
                                                  cand["boxes"][a:b])
         self.check_finite({"score": key.abs().max() if len(key) else 0.0})
         cand["image"].append(img + a)
         cand["box"].append(box)
         cand["key"].append(key)
+        keys = torch.cat(cand["key"])
+        ties = count_ties(keys[:, 0] if keys.dim() == 2 else keys)
+        info = {"class": c, "images": f"{b}/{len(cand['index'])}", "ties": ties}
         finished = b == len(cand["index"])
         if finished:
-            self._finish_class(pos)
-        return StepRecord(0, 0, "select", losses,
-                          info={"class": c, "images": f"{b}/{len(cand['index'])}",
-                                "class_done": finished})
+            info["tie_at_cut"] = self._finish_class(pos)
+        if self._gather is not None and self.step_index == len(self._plan) - 1:
+            self.x0 = self._gather(self.x0)
+        return StepRecord(0, 0, "select", {**losses, "ties": float(ties)},
+                          info={**info, "class_done": finished})
 
-    def _finish_class(self, pos: int) -> None:
+    def _finish_class(self, pos: int) -> bool:
+        """Stitch the class's best candidates into :attr:`x0`; True when the selection's last
+        kept candidate ties (same primary key) with the first dropped one, i.e. the tie-break
+        decided which patch was kept."""
         cand, self._cand = self._cand, None
         key = torch.cat(cand["key"])
-        order = torch.sort(key, stable=True).indices[: self.n_keep]
+        # a (P, 2) key is (primary, secondary): exact primary ties go to the lower secondary
+        full = rank(key[:, 0], -key[:, 1]) if key.dim() == 2 else rank(key)
+        key = key[:, 0] if key.dim() == 2 else key
+        order = full[: self.n_keep]
+        tie_at_cut = len(full) > self.n_keep and bool(key[full[self.n_keep - 1]]
+                                                      == key[full[self.n_keep]])
         image, box = torch.cat(cand["image"])[order], torch.cat(cand["box"])[order]
-        x = self._real_norm(cand["index"][image])
-        patches = crop_patches(x, box.unsqueeze(1), self.side)
+        if self.crop_01:
+            x = self.dataset.train.float01(cand["index"][image]).to(self.device)
+            patches = self.teacher.data_config.normalize(crop_patches(x, box.unsqueeze(1),
+                                                                      self.side))
+        else:
+            patches = crop_patches(self._real_norm(cand["index"][image]), box.unsqueeze(1),
+                                   self.side)
         sl = slice(pos * self.ipc, (pos + 1) * self.ipc)
         lo, hi = self.teacher.data_config.pixel_bounds(self.device)
         x = stitch(patches, self.ipc, self.config.factor, self.size)
@@ -367,6 +520,7 @@ class PatchSelectionDistiller(Distiller):
         log.debug("%s: class %d stitched from %d of %d candidates (keys %.4g..%.4g)", self.name,
                   self.classes[pos], self.n_keep, len(key), float(key[order[0]]),
                   float(key[order[-1]]))
+        return tie_at_cut
 
     def _selection_state(self) -> dict:
         return {"x0": cpu_copy(self.x0), "cand": cpu_copy(self._cand)}
@@ -396,6 +550,23 @@ class RefineConfig(ConfigBase):
     batch_size: int = param(0, "images optimised together (0 = all jointly; otherwise batches of "
                             "IPC slots mixing classes, each optimised for all iterations in turn)",
                             unit="images", lo=0, source="ours")
+    jitter: int = param(-1, "largest roll offset of the recover augmentation; -1 = as released "
+                        "for the input side: 4 px up to 64 px, 32 px above", unit="px", lo=-1,
+                        source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+    jitter_mode: str = param("auto", "roll offsets drawn in {0..jitter} (nonnegative) or "
+                             "{-jitter..jitter} (symmetric); auto = as released for the input "
+                             "side: symmetric at 33-64 px (Tiny-ImageNet), nonnegative otherwise",
+                             choices=("auto", "nonnegative", "symmetric"),
+                             source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+
+    def roll_settings(self, image_size: int) -> tuple[int, bool]:
+        """``(max_roll, symmetric)`` of the recover augmentation at ``image_size`` px: the
+        explicit :attr:`jitter` / :attr:`jitter_mode`, else the released rule
+        (:func:`nrrdd_core.augment.recover_jitter`; METHODS.md §2)."""
+        auto_roll, auto_sym = recover_jitter(image_size)
+        max_roll = auto_roll if self.jitter < 0 else self.jitter
+        symmetric = auto_sym if self.jitter_mode == "auto" else self.jitter_mode == "symmetric"
+        return max_roll, symmetric
 
 
 def slot_batches(num_classes: int, ipc: int, batch_size: int) -> list[torch.Tensor]:
@@ -424,19 +595,35 @@ class Refiner:
         bn_weight: weight of ``L_bn`` (SRe2L ``r_bn``, NRR ``alpha_bn``).
         batches: index batches from :func:`slot_batches`.
         mask: ``(N,1,H,W)`` update weights in [0,1], or None (no mask: plain Adam, SRe2L).
+        augment: ``augment(x, generator) -> x_aug`` replacing the recover augmentation (e.g.
+            fixed roll offsets in a test); None = :func:`~nrrdd_core.augment.recover_augment`
+            with :meth:`RefineConfig.roll_settings`.
+        extra_loss: ``extra_loss(x_batch, y_batch, generator) -> (weighted scalar, terms)`` added
+            to ``L`` after ``L_bn`` is read (NRR-DD's label refinement, METHODS.md §4.5); its
+            float ``terms`` join the step's losses. None = no extra term.
 
     Attributes:
         x: current images (normalised, detached). mask: may be replaced between steps.
     """
 
     def __init__(self, teacher: Teacher, x: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig,
-                 bn_weight: float, batches: list[torch.Tensor], mask: torch.Tensor | None = None):
+                 bn_weight: float, batches: list[torch.Tensor], mask: torch.Tensor | None = None,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 extra_loss: Callable[..., tuple[torch.Tensor, dict]] | None = None):
         self.teacher, self.cfg, self.bn_weight = teacher, cfg, float(bn_weight)
+        self.extra_loss = extra_loss
         self.x = x.detach().clone()
         self.labels = labels.to(x.device)
         self.batches = batches
         self.mask = mask
-        self.lo, self.hi = teacher.data_config.pixel_bounds(x.device)
+        self.lo, self.hi = teacher.data_config.pixel_bounds(x.device, x.dtype)
+        if augment is None:
+            size = teacher.data_config.image_size
+            max_roll, symmetric = cfg.roll_settings(size)
+
+            def augment(x_: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                return recover_augment(x_, size, g, max_roll, symmetric)
+        self.augment = augment
         self._bn: BNStatsLoss | None = None
         self._batch: int | None = None
         self._param = self._opt = self._sched = None
@@ -478,12 +665,16 @@ class Refiner:
         lr = self._opt.param_groups[0]["lr"]
         x_before = p.detach().clone()
         try:
-            x_aug = recover_augment(p, self.teacher.data_config.image_size, generator)
+            x_aug = self.augment(p, generator)
             logits = self.teacher(x_aug)
             ce = F.cross_entropy(logits, self.labels[idx])
             bn = self._bn.value()
             loss = ce + self.bn_weight * bn
-            losses = check({"loss": loss, "ce": ce, "bn": bn})
+            terms = {}
+            if self.extra_loss is not None:  # after bn.value(): its forward re-runs the BN hooks
+                extra, terms = self.extra_loss(p, self.labels[idx], generator)
+                loss = loss + extra
+            losses = check({"loss": loss, "ce": ce, "bn": bn, **terms})
             self._opt.zero_grad(set_to_none=True)
             loss.backward()
         finally:

@@ -3,8 +3,10 @@
 
 ``x~ ~ N(0,1)`` in normalised space; Adam(lr 0.25, betas (0.5, 0.9)), cosine decay to 0 over
 ``iterations``; each iteration ``L = CE(T(A(x~)), y) + r_bn * L_bn`` (METHODS.md §1.2) with ``A`` the
-recover augmentation, then each channel is clipped to the normalised image of [0,1]. The last
-iterate is kept. Soft labels come later, from the teacher (METHODS.md §1.4).
+recover augmentation (a random roll, plus a shared RandomResizedCrop and flip above 32 px), then
+each channel is clipped to the normalised image of [0,1]. The last iterate is kept. lr, r_bn and
+the roll offsets default to the released values for the input side (0.25 / 0.01 / {0..4} at
+32 px, 0.1 / 1.0 / {-4..4} at 64 px, 0.25 / 0.01 / {0..32} at 224 px). Soft labels come later, from the teacher (METHODS.md §1.4).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..configs import param
+from ..errors import ConfigError
 from .base import Distiller, StepRecord, register_method
 from .common import RefineConfig, Refiner, class_labels, slot_batches, to01
 
@@ -24,13 +27,50 @@ class SRe2LConfig(RefineConfig):
     """SRe2L recover fields (METHODS.md §2); the Adam/batch fields are in
     :class:`~nrrdd_core.methods.common.RefineConfig`."""
 
-    r_bn: float = param(0.01, "weight of the BN-statistics loss (1.0 for Tiny-ImageNet)",
-                        unit="1", lo=0.0, source="code (SRe2L, CIFAR/ImageNet)")
+    lr: float = param(-1.0, "Adam learning rate (cosine decay to 0); -1 = as released for the "
+                      "input side: 0.25, or 0.1 at 33-64 px (Tiny-ImageNet)", unit="1", lo=-1.0,
+                      source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+    r_bn: float = param(-1.0, "weight of the BN-statistics loss; -1 = as released for the input "
+                        "side: 0.01, or 1.0 at 33-64 px (Tiny-ImageNet)", unit="1", lo=-1.0,
+                        source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+
+    def validate(self) -> None:
+        """Ranges, plus: ``lr`` is -1 (per resolution) or > 0, ``r_bn`` is -1 or >= 0.
+
+        Raises:
+            ConfigError: naming the field.
+        """
+        super().validate()
+        if self.lr != -1.0 and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: use a positive learning rate, or -1 for the "
+                              "released value at the input side")
+        if self.r_bn != -1.0 and self.r_bn < 0:
+            raise ConfigError(f"r_bn={self.r_bn}: use a weight >= 0, or -1 for the released "
+                              "value at the input side")
+
+    def resolved(self, image_size: int) -> "SRe2LConfig":
+        """This config with every per-resolution field (value -1 / ``"auto"``) replaced by the
+        released value for ``image_size`` px (METHODS.md §2); explicit values are kept.
+
+        Rule: input side <= 32 px (CIFAR script) lr 0.25, r_bn 0.01, roll {0..4}; 33-64 px
+        (Tiny-ImageNet script) lr 0.1, r_bn 1.0, roll {-4..4}; larger (ImageNet script) lr 0.25,
+        r_bn 0.01, roll {0..32}.
+        """
+        tiny = 32 < image_size <= 64
+        max_roll, symmetric = self.roll_settings(image_size)
+        return self.replace(lr=(0.1 if tiny else 0.25) if self.lr == -1.0 else self.lr,
+                            r_bn=(1.0 if tiny else 0.01) if self.r_bn == -1.0 else self.r_bn,
+                            jitter=max_roll,
+                            jitter_mode="symmetric" if symmetric else "nonnegative")
 
 
 @register_method("sre2l")
 class SRe2L(Distiller):
     """SRe2L recover as a step-wise :class:`~nrrdd_core.methods.base.Distiller` (METHODS.md §2).
+
+    Per-resolution defaults (``lr``, ``r_bn``, ``jitter``, ``jitter_mode`` at -1 / ``"auto"``)
+    are resolved for the teacher's input side on construction (:meth:`SRe2LConfig.resolved`), so
+    :attr:`config` holds the values that run.
 
     One step = one Adam iteration on the current batch (default: all ``len(classes) * ipc``
     images jointly [ours]; ``batch_size`` > 0 optimises batches of IPC slots mixing classes in
@@ -48,6 +88,7 @@ class SRe2L(Distiller):
     def __init__(self, config: SRe2LConfig, **kwargs) -> None:
         super().__init__(config, **kwargs)
         size = self.teacher.data_config.image_size
+        self.config = config = config.resolved(size)  # what runs (and is saved) is explicit
         n = len(self.classes) * self.ipc
         self.labels = class_labels(self.classes, self.ipc)
         self.x_init = torch.randn(n, 3, size, size, generator=self.generator).to(self.device)
