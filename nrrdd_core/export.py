@@ -39,6 +39,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from .errors import ConfigError, DataError
 from .io import atomic_torch_save, atomic_write_json, safe_torch_load
 from .labels import HARD_LABELS_FILE
 from .models.teacher import Teacher
+
+if TYPE_CHECKING:
+    from .models.ref import TeacherRef
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +106,17 @@ def versions() -> dict:
 
 
 def build_manifest(*, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
-                   classes: list[int], ipc: int, seed: int, teacher_ref: str = "",
+                   classes: list[int], ipc: int, seed: int, teacher_ref: str | TeacherRef = "",
                    dataset_args: dict | None = None, timings: dict | None = None, **extra) -> dict:
     """The standard manifest of a distilled set.
 
     Args:
         method: registry name of the method.
         config: the method's full config (``Config.to_dict()``).
-        teacher: the teacher used; ``teacher_ref`` how to load it again (a checkpoint path or
-            ``"shipped"``).
+        teacher: the teacher used; ``teacher_ref`` how to load it again: a
+            :class:`~nrrdd_core.models.ref.TeacherRef` or its text (``"shipped"``,
+            ``"file:/abs/teacher.pt"``, ``"train:KEY"``...), stored as text in
+            ``manifest["teacher"]["ref"]`` and read back by ``TeacherRef.of_manifest``.
         bundle: the dataset; ``dataset_args`` the ``load_dataset`` keyword arguments that rebuild
             it (without ``classes``).
         classes: distilled label indices (teacher label space).
@@ -122,7 +128,7 @@ def build_manifest(*, method: str, config: dict, teacher: Teacher, bundle: Datas
     return {
         "method": method, "config": dict(config), "ipc": int(ipc), "seed": int(seed),
         "teacher": {"arch": teacher.arch, "arch_kwargs": dict(teacher.arch_kwargs),
-                    "source": teacher.source, "ref": teacher_ref, "test_acc": teacher.test_acc,
+                    "source": teacher.source, "ref": str(teacher_ref), "test_acc": teacher.test_acc,
                     "cam_layer": teacher.cam_layer},
         "dataset": {"name": bundle.config.name, "args": dict(dataset_args or {}),
                     "source": dict(bundle.source), "classes": [int(c) for c in classes],
