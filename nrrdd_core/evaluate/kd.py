@@ -45,43 +45,55 @@ class EvalConfig(ConfigBase):
     """Student evaluation settings (METHODS.md §1.4 KD protocol; METHODS.md §4.4 label modes)."""
 
     protocol: str = param("kd", "evaluation protocol: kd (METHODS.md §1.4) or edf (METHODS.md §5.6)",
-                          choices=("kd", "edf"), source="code")
+                          choices=("kd", "edf"),
+                          source="ours (kd: RDED evaluation, edf: EDF evaluation)")
     student: str = param("convnet_bn", "student architecture (convnet_bn, resnet18_small, resnet18, "
                          "mobilenet_v2 or any registered model)", choices=tuple(list_models()),
-                         source="code")
+                         source="code (RDED validation/main.py)")
     student_depth: int = param(0, "ConvNet student depth; 0 = builder default", unit="blocks",
-                               lo=0, hi=8, source="code")
+                               lo=0, hi=8, source="code (RDED validation/main.py)")
     student_width: int = param(0, "ConvNet student width; 0 = builder default (128)",
-                               unit="channels", lo=0, hi=1024, source="code")
+                               unit="channels", lo=0, hi=1024,
+                               source="code (RDED validation/main.py)")
     epochs: int = param(0, "student training epochs; 0 = the protocol's default (kd 300, METHODS.md §1.4; "
-                        "edf 1000, METHODS.md §5.6)", unit="epochs", lo=0, hi=5000, source="code")
+                        "edf 1000, METHODS.md §5.6)", unit="epochs", lo=0, hi=5000,
+                        source="code (RDED validation/main.py; EDF distill/edf_distill.py)")
     batch_size: int = param(0, "batch size; 0 = the RDED rule (IPC 1/10/50 -> 10/50/100, x2 for >= 100 "
-                            "classes, capped at N)", unit="images", lo=0, source="code")
-    lr: float = param(1e-3, "AdamW learning rate", lo=0.0, lo_open=True, source="code")
-    beta1: float = param(0.9, "AdamW beta1", lo=0.0, hi=1.0, hi_open=True, source="code")
-    beta2: float = param(0.999, "AdamW beta2", lo=0.0, hi=1.0, hi_open=True, source="code")
+                            "classes, capped at N)", unit="images", lo=0,
+                            source="code (RDED validation/main.py)")
+    lr: float = param(1e-3, "AdamW learning rate", lo=0.0, lo_open=True,
+                      source="code (RDED validation/main.py)")
+    beta1: float = param(0.9, "AdamW beta1", lo=0.0, hi=1.0, hi_open=True,
+                         source="code (RDED validation/main.py)")
+    beta2: float = param(0.999, "AdamW beta2", lo=0.0, hi=1.0, hi_open=True,
+                         source="code (RDED validation/main.py)")
     weight_decay: float = param(0.01, "AdamW weight decay (not on biases / norm weights)", lo=0.0,
-                                source="code")
+                                source="code (RDED validation/main.py)")
     label_mode: str = param("soft", "labels: teacher soft labels, DBR distances, or hard one-hot",
-                            choices=LABEL_MODES, source="paper")
+                            choices=LABEL_MODES,
+                            source="code (RDED soft labels) / paper (NRR-DD DBR, Eq. 6-10)")
     mix: str = param("cutmix", "batch mixing: CutMix (Beta(1,1)) or Mixup (Beta(0.8,0.8))",
-                     choices=MIX_MODES, source="code")
+                     choices=MIX_MODES, source="code (RDED validation/main.py, SRe2L relabel)")
     temperature: float = param(0.0, "soft-label temperature tau; 0 = by mix (CutMix 20, Mixup 4)",
-                               lo=0.0, source="code")
+                               lo=0.0, source="code (RDED validation/main.py)")
     factor: int = param(1, "RandomResizedCrop area scale (1/factor, 1) (RDED factor)", lo=1, hi=8,
-                        source="code")
-    flip: bool = param(True, "random horizontal flip", source="code")
-    randaugment: bool = param(False, "RandAugment (2 ops) per image (NRR-DD)", source="paper")
-    alpha_dbr: float = param(1.0, "weight of the DBR distance loss L_dbr", lo=0.0, source="paper")
-    dbr_radius: float = param(0.4, "hinge radius r of L_sce", unit="nats", lo=0.0, source="paper")
+                        source="code (RDED validation/main.py)")
+    flip: bool = param(True, "random horizontal flip", source="code (RDED validation/main.py)")
+    randaugment: bool = param(False, "RandAugment (2 ops) per image (NRR-DD)",
+                              source="paper (NRR-DD, student augmentation)")
+    alpha_dbr: float = param(1.0, "weight of the DBR distance loss L_dbr", lo=0.0,
+                             source="paper (NRR-DD Eq. 6-10)")
+    dbr_radius: float = param(0.4, "hinge radius r of L_sce", unit="nats", lo=0.0,
+                              source="paper (NRR-DD Eq. 6-10) / ours (hinge form)")
     dbr_norm: str = param("l1", "DBR distance penalty: |dS - dT| (l1) or (dS - dT)^2 (l2)",
                           choices=("l1", "l2"), source="ours")
     dbr_temperature: float = param(1.0, "temperature tau_d of the DBR distances", lo=0.0,
                                    lo_open=True, source="ours")
     store_labels: bool = param(False, "store teacher labels per epoch and replay them (else online)",
-                               source="code")
+                               source="code (SRe2L relabel, stored labels) / ours (online)")
     eval_every: int = param(0, "test every k epochs (and the last); 0 = the RDED rule (e % 10 == 9 and "
-                            "e > 0.8E)", unit="epochs", lo=0, source="code")
+                            "e > 0.8E)", unit="epochs", lo=0,
+                            source="code (RDED validation/main.py)")
 
     @property
     def num_epochs(self) -> int:

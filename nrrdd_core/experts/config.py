@@ -26,30 +26,39 @@ class ExpertConfig(ConfigBase):
     under load); width 64 was ~5x slower per epoch; 500 images per class: 0.41 after 5 epochs
     (86 s). Chosen lr 0.2 batch 32: 0.51 at 15 epochs (44 s), 0.65 at 20 (61 s)."""
 
-    num_experts: int = param(3, "number of expert trajectories", unit="experts", lo=1, source="ours")
+    num_experts: int = param(3, "number of expert trajectories", unit="experts", lo=1,
+                             source="ours")
     epochs: int = param(20, "training epochs per expert (E; E+1 snapshots are saved)",
                         unit="epochs", lo=1, source="ours")
     lr: float = param(0.2, "SGD learning rate (constant; 0.01 in the papers at batch 256)", lo=0.0,
                       lo_open=True, source="ours")
-    momentum: float = param(0.0, "SGD momentum", lo=0.0, hi=1.0, hi_open=True, source="code")
-    weight_decay: float = param(0.0, "SGD weight decay", lo=0.0, source="code")
+    momentum: float = param(0.0, "SGD momentum", lo=0.0, hi=1.0, hi_open=True,
+                            source="code (MTT buffer.py)")
+    weight_decay: float = param(0.0, "SGD weight decay", lo=0.0, source="code (MTT buffer.py)")
     batch_size: int = param(32, "real images per SGD step (256 in the papers)", unit="images",
                             lo=1, source="ours")
     depth: int = param(0, "ConvNet-IN depth (0 = by image size: 3 at 32 px, 4 at 64, 5 at 128)",
-                       lo=0, hi=8, source="code")
+                       lo=0, hi=8, source="code (MTT / DATM ConvNetD3-D5 by resolution)")
     width: int = param(32, "ConvNet-IN channels (128 in the papers)", unit="channels", lo=1,
                        source="ours")
     train_per_class: int = param(200, "real training images per class (the first ones in stored "
                                  "order); 0 = all", unit="images", lo=0, source="ours")
-    dsa: bool = param(True, "DSA augmentation on every batch (METHODS.md §5.2)", source="code")
+    dsa: bool = param(True, "DSA augmentation on every batch (METHODS.md §5.2)",
+                      source="code (MTT buffer.py, DSA DiffAugment)")
     dsa_strategies: str = param(",".join(DSA_STRATEGIES), "comma-separated DSA strategies",
-                                source="code", ui=False)
-    zca: bool = param(False, "ZCA-whiten the images (MTT/DATM do for CIFAR and Tiny)", source="code")
-    zca_eps: float = param(0.1, "ZCA regulariser eps", lo=0.0, lo_open=True, source="code")
-    gsam: bool = param(False, "GSAM optimiser (DATM/EDF experts); not implemented", source="code")
-    gsam_rho: float = param(0.01, "GSAM rho", lo=0.0, source="code", ui=False)
-    gsam_alpha: float = param(0.3, "GSAM alpha", lo=0.0, source="code", ui=False)
-    seed: int = param(0, "seed of the expert initialisations, shuffles and augmentations", lo=0)
+                                source="code (MTT buffer.py, DSA DiffAugment)", ui=False)
+    zca: bool = param(False, "ZCA-whiten the images (MTT/DATM do for CIFAR and Tiny)",
+                      source="code (MTT buffer.py, kornia ZCA)")
+    zca_eps: float = param(0.1, "ZCA regulariser eps", lo=0.0, lo_open=True,
+                           source="code (MTT buffer.py, kornia ZCA)")
+    gsam: bool = param(False, "GSAM optimiser (DATM/EDF experts); not implemented",
+                       source="code (DATM expert training, GSAM)")
+    gsam_rho: float = param(0.01, "GSAM rho", lo=0.0,
+                            source="code (DATM expert training, GSAM)", ui=False)
+    gsam_alpha: float = param(0.3, "GSAM alpha", lo=0.0,
+                              source="code (DATM expert training, GSAM)", ui=False)
+    seed: int = param(0, "seed of the expert initialisations, shuffles and augmentations", lo=0,
+                      source="ours")
 
     def validate(self) -> None:
         """Field ranges, plus: GSAM is not implemented, DSA strategies must be valid.

@@ -532,6 +532,10 @@ class PatchSelectionDistiller(Distiller):
 
 
 # ---- masked Adam refinement --------------------------------------------------------------------
+#: source of the per-resolution recover settings: the released CIFAR, Tiny-ImageNet and ImageNet
+#: recover scripts
+SRE2L_RECOVER_CODE = "code (SRe2L recover_cifar.py, recover_tiny.py, data_synthesis.py)"
+
 @dataclass(frozen=True)
 class RefineConfig(ConfigBase):
     """Adam refinement fields shared by SRe2L recover (METHODS.md §2) and NRR (METHODS.md §4.3); defaults are
@@ -552,12 +556,12 @@ class RefineConfig(ConfigBase):
                             unit="images", lo=0, source="ours")
     jitter: int = param(-1, "largest roll offset of the recover augmentation; -1 = as released "
                         "for the input side: 4 px up to 64 px, 32 px above", unit="px", lo=-1,
-                        source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+                        source=SRE2L_RECOVER_CODE)
     jitter_mode: str = param("auto", "roll offsets drawn in {0..jitter} (nonnegative) or "
                              "{-jitter..jitter} (symmetric); auto = as released for the input "
                              "side: symmetric at 33-64 px (Tiny-ImageNet), nonnegative otherwise",
                              choices=("auto", "nonnegative", "symmetric"),
-                             source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+                             source=SRE2L_RECOVER_CODE)
 
     def roll_settings(self, image_size: int) -> tuple[int, bool]:
         """``(max_roll, symmetric)`` of the recover augmentation at ``image_size`` px: the

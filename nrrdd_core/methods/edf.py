@@ -63,25 +63,32 @@ class EDFConfig(ConfigBase):
     starts); :data:`DATM` switches both off. The other defaults are small, for the built-in dataset
     on a CPU (the papers use syn_steps 80, batch_syn 100+ and thousands of iterations on a GPU)."""
 
-    iterations: int = param(200, "outer iterations (one per step)", unit="steps", lo=1, source="ours")
+    iterations: int = param(200, "outer iterations (one per step)", unit="steps", lo=1,
+                            source="ours")
     syn_steps: int = param(8, "student SGD steps unrolled per iteration (N_syn)", unit="steps",
                            lo=1, source="ours")
     expert_epochs: int = param(2, "expert epochs the student must match (M)", unit="epochs", lo=1,
-                               source="code")
-    min_start_epoch: int = param(0, "lowest start epoch T-", unit="epochs", lo=0, source="code")
+                               source="code (EDF distill/edf_distill.py)")
+    min_start_epoch: int = param(0, "lowest start epoch T-", unit="epochs", lo=0,
+                                 source="code (EDF distill/edf_distill.py)")
     current_max_start_epoch: int = param(4, "initial upper bound T of the start epoch",
-                                         unit="epochs", lo=1, source="code")
+                                         unit="epochs", lo=1,
+                                         source="code (EDF distill/edf_distill.py)")
     max_start_epoch: int = param(10, "final upper bound T+ of the start epoch", unit="epochs",
-                                 lo=1, source="code")
+                                 lo=1, source="code (EDF distill/edf_distill.py)")
     expansion_iterations: int = param(100, "iterations over which the bound rises from T to T+ "
-                                      "(E_exp)", unit="steps", lo=1, source="code")
+                                      "(E_exp)", unit="steps", lo=1,
+                                      source="code (EDF distill/edf_distill.py)")
     batch_syn: int = param(25, "synthetic images per unrolled step (capped at N)", unit="images",
                            lo=1, source="ours")
-    lr_img: float = param(100.0, "SGD lr of the images (momentum 0.5)", lo=0.0, source="code")
-    lr_lr: float = param(1e-5, "SGD lr of the student lr (momentum 0.5)", lo=0.0, source="code")
-    lr_y: float = param(2.0, "SGD lr of the label logits (momentum 0.9)", lo=0.0, source="code")
+    lr_img: float = param(100.0, "SGD lr of the images (momentum 0.5)", lo=0.0,
+                          source="code (EDF distill/edf_distill.py)")
+    lr_lr: float = param(1e-5, "SGD lr of the student lr (momentum 0.5)", lo=0.0,
+                         source="code (EDF distill/edf_distill.py)")
+    lr_y: float = param(2.0, "SGD lr of the label logits (momentum 0.9)", lo=0.0,
+                        source="code (EDF distill/edf_distill.py)")
     lr_teacher: float = param(0.0, "initial student lr eta; 0 = the experts' lr (0.01 in the "
-                              "papers)", lo=0.0, source="code")
+                              "papers)", lo=0.0, source="code (EDF distill/edf_distill.py)")
     max_loss: float = param(10.0, "skip the update when the matching loss exceeds this",
                             lo=0.0, lo_open=True, source="ours")
     cpd_alpha: float = param(-1.0, "CPD: fraction alpha of the parameters with the smallest "
@@ -103,16 +110,21 @@ class EDFConfig(ConfigBase):
     dae_target: str = param("argmax_y", "DAE CAM class: argmax of the learned label logits Y "
                             "(METHODS.md §5.5, released code) or the class each image is distilled for "
                             "(stable when weak experts make argmax Y drift)",
-                            choices=("argmax_y", "distilled_class"), source="code")
+                            choices=("argmax_y", "distilled_class"),
+                            source="code (EDF distill/edf_distill.py) / ours (distilled_class)")
     cam_method: str = param("gradcam_torch", "CAM family for DAE (the code uses Smooth Grad-CAM++)",
                             choices=("gradcam_torch", "gradcam++", "cam", "xgradcam", "layercam",
-                                     "eigencam", "scorecam", "gradcam"), source="code")
+                                     "eigencam", "scorecam", "gradcam"),
+                            source="code (EDF distill/edf_distill.py)")
     cam_model: str = param("teacher", "CAM model: the dataset's teacher, or an ImageNet ResNet-18 "
                            "(ImageNet subsets; class index mapped to ImageNet)",
-                           choices=("teacher", "imagenet_resnet18"), source="code")
-    dsa: bool = param(True, "DSA on the synthetic mini-batches", source="code")
+                           choices=("teacher", "imagenet_resnet18"),
+                           source="code (EDF distill/edf_distill.py)")
+    dsa: bool = param(True, "DSA on the synthetic mini-batches",
+                      source="code (EDF distill/edf_distill.py, DSA DiffAugment)")
     dsa_strategies: str = param(",".join(DSA_STRATEGIES), "comma-separated DSA strategies",
-                                source="code", ui=False)
+                                source="code (EDF distill/edf_distill.py, DSA DiffAugment)",
+                                ui=False)
     buffer: str = param("", "expert buffer folder; empty = train/reuse ExpertConfig defaults",
                         source="ours", ui=False)
     memory_budget_mb: float = param(0.0, "memory the unrolled graph may use; 0 = free device "

@@ -19,7 +19,8 @@ import torch
 from ..configs import param
 from ..errors import ConfigError
 from .base import Distiller, StepRecord, register_method
-from .common import RefineConfig, Refiner, class_labels, slot_batches, to01
+from .common import (SRE2L_RECOVER_CODE, RefineConfig, Refiner, class_labels, slot_batches,
+                     to01)
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ class SRe2LConfig(RefineConfig):
 
     lr: float = param(-1.0, "Adam learning rate (cosine decay to 0); -1 = as released for the "
                       "input side: 0.25, or 0.1 at 33-64 px (Tiny-ImageNet)", unit="1", lo=-1.0,
-                      source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+                      source=SRE2L_RECOVER_CODE)
     r_bn: float = param(-1.0, "weight of the BN-statistics loss; -1 = as released for the input "
                         "side: 0.01, or 1.0 at 33-64 px (Tiny-ImageNet)", unit="1", lo=-1.0,
-                        source="code (SRe2L recover_cifar.py / recover_tiny.py / recover.py)")
+                        source=SRE2L_RECOVER_CODE)
 
     def validate(self) -> None:
         """Ranges, plus: ``lr`` is -1 (per resolution) or > 0, ``r_bn`` is -1 or >= 0.

@@ -50,25 +50,29 @@ SHIPPED_TEACHER_PATH = ASSETS_DIR / "shapes_resnet20.pt"
 class TeacherTrainConfig(ConfigBase):
     """Teacher training recipe (METHODS.md §1.1, "Teacher recipe (CIFAR)" [code, SRe2L])."""
 
-    arch: str = param("resnet20_cifar", "teacher architecture", choices=tuple(list_models()))
+    arch: str = param("resnet20_cifar", "teacher architecture", choices=tuple(list_models()),
+                      source="ours")
     depth: int = param(0, "ConvNet depth; 0 = builder default (3 at 32 px, 4 at 64, 5 at 128)",
-                       unit="blocks", lo=0, hi=8, source="code")
+                       unit="blocks", lo=0, hi=8, source="code (RDED ConvNet)")
     width: int = param(0, "ConvNet width; 0 = builder default (128)", unit="channels", lo=0,
-                       hi=1024, source="code")
+                       hi=1024, source="code (RDED ConvNet)")
     epochs: int = param(30, "training epochs (SRe2L: 200; fewer for demos)", unit="epochs", lo=1,
                         hi=1000, source="ours")
     lr: float = param(0.1, "SGD learning rate (cosine decay to 0, stepped per batch)", lo=0.0,
-                      lo_open=True, source="code")
-    momentum: float = param(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True, source="code")
-    weight_decay: float = param(5e-4, "SGD weight decay (all parameters)", lo=0.0, source="code")
-    batch_size: int = param(128, "training batch size", unit="images", lo=1, source="code")
+                      lo_open=True, source="code (SRe2L squeeze, CIFAR)")
+    momentum: float = param(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True,
+                            source="code (SRe2L squeeze, CIFAR)")
+    weight_decay: float = param(5e-4, "SGD weight decay (all parameters)", lo=0.0,
+                                source="code (SRe2L squeeze, CIFAR)")
+    batch_size: int = param(128, "training batch size", unit="images", lo=1,
+                            source="code (SRe2L squeeze, CIFAR)")
     augment: bool = param(True, "RandomCrop (zero padding crop_pad) + horizontal flip",
-                          source="code")
+                          source="code (SRe2L squeeze, CIFAR)")
     crop_pad: int = param(4, "zero padding of the random crop", unit="px", lo=0, hi=32,
-                          source="code")
+                          source="code (SRe2L squeeze, CIFAR)")
     label_smoothing: float = param(0.0, "cross-entropy label smoothing", lo=0.0, hi=1.0,
-                                   hi_open=True, source="code")
-    seed: int = param(0, "seed of weight init, shuffling and augmentation", lo=0)
+                                   hi_open=True, source="ours")
+    seed: int = param(0, "seed of weight init, shuffling and augmentation", lo=0, source="ours")
 
     def arch_kwargs(self) -> dict:
         """Builder options: ``depth``/``width`` when set (non-zero)."""
