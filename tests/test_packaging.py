@@ -17,7 +17,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
