@@ -98,14 +98,16 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
             classes: list[int], s: Setup, eval_cfg: dict, store: dict,
             recompute: bool = False) -> dict:
     """Distil the chosen classes with each method (published defaults, same teacher and seed), add the
-    random real subset of the same size, and measure each set
+    random real subset of the same size (:func:`nrrdd_core.compare.compare_methods`, with one
+    quick student protocol for every set), and measure each set
     (:func:`nrrdd_core.metrics.set_metrics`), a quick student evaluation (``eval_cfg``), time and
     label storage. Results already in ``store`` (same setup, method and evaluation settings) are
     reused unless ``recompute``.
 
     Returns ``{name: result}`` with ``"random"`` first; partial results are also in
     ``job.frame["results"]`` while it runs."""
-    from nrrdd_core.evaluate import EvalConfig, evaluate_student, random_real_subset
+    from nrrdd_core.compare import DistilledSet, SetResult, compare_methods
+    from nrrdd_core.evaluate import EvalConfig
     from nrrdd_core.labels import paper_label_bytes
     from nrrdd_core.methods import get_method
     from nrrdd_core.metrics import set_metrics
@@ -115,36 +117,45 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
     t = copy.deepcopy(teacher)
     ecfg = EvalConfig.from_dict(eval_cfg)
     results: dict = {}
-    names = ["random"] + list(methods)
-    job.progress(total=len(names))
-    for i, name in enumerate(names):
-        key = (s.teacher_key, tuple(classes), s.ipc, s.seed, name, tuple(sorted(eval_cfg.items())))
-        if key in store and not recompute:
-            results[name] = {**store[key], "reused": True}
-            job.progress(step=i + 1, frame={"results": dict(results)})
-            continue
-        if job.should_stop():
-            break
-        if name == "random":
-            x, y = random_real_subset(bundle, classes, s.ipc, seed=s.seed)
-            seconds, manifest, extras = 0.0, None, {}
+    job.progress(total=len(methods) + 1)
+
+    def key(name: str) -> tuple:
+        return (s.teacher_key, tuple(classes), s.ipc, s.seed, name, tuple(sorted(eval_cfg.items())))
+
+    def distil(name: str, config: dict) -> DistilledSet | None:
+        r = distill(job, name, config, teacher, bundle, classes, s, frames=False)
+        if r["steps"] == 0 or job.stop_event.is_set():
+            return None
+        return DistilledSet(r["images"], r["labels"], r["seconds"], r["steps"], r["extras"],
+                            {"manifest": r["manifest"]})
+
+    def cached(name: str) -> SetResult | None:
+        row = None if recompute else store.get(key(name))
+        return None if row is None else SetResult(name, DistilledSet(row["images"], row["labels"],
+                                                                     info={"row": row}))
+
+    def on_result(r: SetResult) -> None:
+        if r.reused:
+            results[r.name] = {**r.distilled.info["row"], "reused": True}
         else:
-            cfg = method_overrides(get_method(name).Config.describe())
-            r = distill(job, name, cfg, teacher, bundle, classes, s, frames=False)
-            if r["steps"] == 0 or job.stop_event.is_set():
-                break
-            x, y, seconds, manifest = r["images"], r["labels"], r["seconds"], r["manifest"]
-            extras = r["extras"]
-        job.progress(message=f"{name}: measuring and training a student ({ecfg.epochs} epochs)")
-        ev = evaluate_student(x, y, t, bundle, ecfg, device=s.device, seed=s.seed,
-                              should_stop=job.should_stop, classes=classes)
-        res = {"images": x, "labels": y, "seconds": seconds, "manifest": manifest,
-               "extras": extras,
-               **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
-               "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes)}
-        store[key] = res
-        results[name] = res
-        job.progress(step=i + 1, frame={"results": dict(results)})
+            x, y, ev = r.distilled.images01, r.distilled.labels, r.evals[ecfg.protocol]
+            results[r.name] = store[key(r.name)] = {
+                "images": x, "labels": y, "seconds": r.distilled.seconds,
+                "manifest": r.distilled.info.get("manifest"), "extras": r.distilled.extras,
+                **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
+                "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes)}
+        job.progress(step=len(results), frame={"results": dict(results)})
+
+    def stage(name: str, what: str) -> None:
+        if what == "evaluate":
+            job.progress(message=f"{name}: measuring and training a student ({ecfg.epochs} epochs)")
+
+    configs = {m: method_overrides(get_method(m).Config.describe()) for m in methods}
+    # the app's policy: one quick student protocol for every set (EDF's own protocol is on the
+    # Evaluate page)
+    compare_methods(methods, t, bundle, classes, s.ipc, s.seed, ecfg, s.device, configs=configs,
+                    own_protocol=False, distill=distil, cached=cached, on_result=on_result,
+                    should_stop=job.should_stop, progress=stage)
     return results
 
 
