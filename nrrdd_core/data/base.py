@@ -175,6 +175,8 @@ class DatasetBundle:
 
         def cut(s: ImageSplit) -> ImageSplit:
             m = remap[s.y] >= 0
+            if hasattr(s, "select"):  # a streamed split (data/stream.py): nothing is decoded
+                return s.select(m, remap[s.y[m]])
             return ImageSplit(s.x[m], remap[s.y[m]])
 
         cfg = replace(self.config, class_names=tuple(self.config.class_names[i] for i in keep))
