@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_bytes, cache_dir
+from ..io import cache_dir, write_if_changed
 from .teacher import Teacher
 
 #: Every kind of reference, in the order the app offers them.
@@ -131,9 +131,7 @@ class TeacherRef:
         write, once per content) and return its ``upload:KEY`` reference. Nothing is unpickled
         here; :meth:`load` reads it with ``weights_only=True``."""
         ref = cls("upload", key=hashlib.sha256(data).hexdigest()[:16])
-        path = ref.checkpoint_path()
-        if not path.exists():
-            atomic_write_bytes(path, data)
+        write_if_changed(ref.checkpoint_path(), data)  # a damaged copy is replaced
         return ref
 
     # ---- resolution --------------------------------------------------------------------------
