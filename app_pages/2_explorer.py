@@ -143,6 +143,8 @@ def cidd() -> None:
         cand = cidd_candidates(teacher, x01[pick], torch.from_numpy(cams[pick]), label, m_crops,
                                top_t, seed=s.seed,
                                min_scale=float(cfg_fields.get("min_scale", 0.08)))
+    # float32 scores of exactly 0 nats (confidence 1.0) tie: METHODS.md §3, "Ties"
+    n_tied = int((cand.confidence == 1.0).sum())
     img = widgets.to_hwc(x01[pick])
     boxed = img.copy()
     tiles, caps = [], []
@@ -153,7 +155,8 @@ def cidd() -> None:
         tags = (["in top t"] if cand.kept[r] else []) + (
             [f"KEPT by {' & '.join(kept)}"] if kept else [])
         tiles.append(widgets.to_hwc(cand.crops01[r]))
-        caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}"
+        tied = " (tied)" if cand.confidence[r] == 1.0 and n_tied > 1 else ""
+        caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}{tied}"
                     + (f" · {', '.join(tags)}" if tags else ""))
         if cand.kept[r]:
             boxed[i, j:j + w] = boxed[i + h - 1, j:j + w] = boxed[i:i + h, j] = \
@@ -164,6 +167,11 @@ def cidd() -> None:
                            ["CAM", "boxes kept by CAM ratio"])
     with c[1]:
         widgets.image_grid(tiles, caps)
+    if n_tied > 1:
+        st.caption(f"{n_tied} of {m_crops} candidates score exactly 0 nats in float32 (teacher "
+                   "confidence 1.0): their order is a tie. RDED breaks ties by the teacher's "
+                   "logit margin (tie_break) or scores in float64 (score_precision); a run's "
+                   "step records count the ties (METHODS.md §3).")
 
 
 cidd()
