@@ -373,11 +373,12 @@ def _distill(args: argparse.Namespace, root: Path | None, name: str, dist) -> in
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate_student
-    from .export import load_run, run_test_classes, save_eval
+    from .export import EVALS_DIR, check_output_dir, load_run, run_test_classes, save_eval
     from .models.ref import TeacherRef
 
     cfg = config_from_args(EvalConfig, args)
     run = load_run(args.run_dir)
+    check_output_dir(run.path / EVALS_DIR)  # the result can be written: checked before training
     m = run.manifest
     ds = m.get("dataset", {})
     kw = {**ds.get("args", {}), **dataset_kwargs(args)}

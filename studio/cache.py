@@ -51,7 +51,8 @@ def teacher(teacher_key: tuple) -> Teacher:
     ref = teacher_ref(kind, path, arch)
     if ref is None:
         raise ConfigError("no teacher checkpoint yet: train one or give its path on Setup")
-    # a public CIFAR checkpoint names its logits with the dataset's classes (as the CLI does)
+    # a public CIFAR checkpoint gets its class names from public_checkpoint_data_config (the
+    # CIFAR-10 names for a 10-class dataset, so check_compatible refuses others; as the CLI)
     names = bundle(data_key).config.class_names if ref.takes_class_names else None
     return ref.load(resolve_device(device), names)
 

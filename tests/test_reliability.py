@@ -606,3 +606,31 @@ def test_runs_page_shows_damaged_runs_with_a_delete_button(tmp_path, monkeypatch
     assert not at.exception, at.exception
     assert not (runs / "linked").exists() and tree(outside) == before
     assert (runs / "good").is_dir() and (runs / "nodataset").is_dir()
+
+
+def test_setup_page_refuses_hostile_checkpoints_with_an_error(tmp_path, monkeypatch,
+                                                              teacher_path):
+    AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+    monkeypatch.setenv("NRRDD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("NRRDD_STUDIO_TINY", "1")
+    monkeypatch.setenv("NRRDD_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "marker"
+    torch.save({"evil": Evil(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "truncated.pt").write_bytes(teacher_path.read_bytes()[:300])
+    torch.save({**torch.load(teacher_path, weights_only=True), "arch_kwargs": {"nope": 1}},
+               tmp_path / "kwargs.pt")
+    public = tmp_path / "resnet20.th"
+    torch.save({"state_dict": build_model("resnet20_cifar", 10, 32).state_dict()}, public)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params.update({"teacher": "file", "teacher_path": str(tmp_path / "evil.pt")})
+    at.run()
+    cases = {"evil.pt": "file", "truncated.pt": "file", "kwargs.pt": "file",
+             "resnet20.th": "resnet_cifar"}
+    for name, kind in cases.items():
+        at.radio(key="teacher").set_value(kind).run()
+        at.text_input(key="teacher_path").set_value(str(tmp_path / name)).run()
+        assert not at.exception, (name, at.exception)
+        errors = " ".join(e.value for e in at.error)
+        assert (name in errors) if kind == "file" else ("class order" in errors), (name, errors)
+        assert "weights_only" not in errors  # torch's advice to load it unsafely is not repeated
+    assert not marker.exists()
