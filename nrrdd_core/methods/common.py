@@ -355,13 +355,16 @@ class PatchSelectionConfig(ConfigBase):
     """Fields shared by RDED (METHODS.md §3) and NRR-DD's CIDD (METHODS.md §4.2)."""
 
     mipc: int = param(300, "real images per class scored (fewer if the class has fewer)",
-                      unit="images", lo=1, source="code (RDED)")
+                      unit="images", lo=1, source="code (RDED argument.py, synthesize/main.py)")
     num_crops: int = param(5, "m: RandomResizedCrop candidates per real image", unit="crops",
-                           lo=1, source="code (RDED)")
+                           lo=1,
+                           source="code (RDED argument.py, synthesize/utils.py MultiRandomCrop)")
     factor: int = param(1, "patches per side of a stitched image (1 for CIFAR/Tiny, 2 for "
-                        "ImageNet-scale)", unit="patches", lo=1, hi=8, source="code (RDED)")
+                        "ImageNet-scale)", unit="patches", lo=1, hi=8,
+                        source="code (RDED argument.py, synthesize/utils.py mix_images)")
     min_scale: float = param(0.08, "smallest candidate crop area as a fraction of the image",
-                             unit="1", lo=0.0, hi=1.0, lo_open=True, source="code (RDED)")
+                             unit="1", lo=0.0, hi=1.0, lo_open=True,
+                             source="code (RDED synthesize/utils.py MultiRandomCrop)")
     images_per_step: int = param(50, "real images scored per step (bounds a step's time; "
                                  "does not change the result)", unit="images", lo=1,
                                  source="ours", ui=False)
@@ -542,15 +545,15 @@ class RefineConfig(ConfigBase):
     SRe2L's (NRR-DD redeclares lr and iterations)."""
 
     iterations: int = param(1000, "optimisation iterations (one step each)", unit="steps", lo=1,
-                            source="code (SRe2L, CIFAR)")
+                            source="code (SRe2L recover_cifar.py)")
     lr: float = param(0.25, "Adam learning rate (cosine decay to 0)", unit="1", lo=0.0,
-                      lo_open=True, source="code (SRe2L)")
+                      lo_open=True, source="code (SRe2L recover_cifar.py get_images)")
     beta1: float = param(0.5, "Adam beta1", unit="1", lo=0.0, hi=1.0, hi_open=True,
-                         source="code (SRe2L)")
+                         source="code (SRe2L recover_cifar.py get_images)")
     beta2: float = param(0.9, "Adam beta2", unit="1", lo=0.0, hi=1.0, hi_open=True,
-                         source="code (SRe2L)")
+                         source="code (SRe2L recover_cifar.py get_images)")
     first_bn_scale: float = param(10.0, "weight of the first BN layer in L_bn", unit="1", lo=0.0,
-                                  source="code (SRe2L)")
+                                  source="code (SRe2L recover_cifar.py first_bn_multiplier)")
     batch_size: int = param(0, "images optimised together (0 = all jointly; otherwise batches of "
                             "IPC slots mixing classes, each optimised for all iterations in turn)",
                             unit="images", lo=0, source="ours")
