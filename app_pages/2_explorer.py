@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from nrrdd_core.cam import CAM_METHODS, COLORMAPS, complexity_score, overlay
+from nrrdd_core.cam import CAM_METHODS, COLORMAPS, complexity_score, draw_boxes, noncritical_share, overlay
 from nrrdd_core.methods import get_method
 from nrrdd_core.methods.common import cidd_candidates
 from studio import cache, settings, widgets
@@ -82,7 +82,7 @@ def grid() -> None:
     tau = st.slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
                     bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
                     "NRR-DD); the rest is non-critical and refined (METHODS.md §4.3, paper default 0.5).")
-    noncrit = (cams < tau).mean((1, 2))
+    noncrit = noncritical_share(cams, tau)
     m = st.columns(3)
     m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %", help="Share of pixels "
                 "with CAM < tau over the images shown: what NRR-DD may change.")
@@ -145,11 +145,8 @@ def cidd() -> None:
                                min_scale=float(cfg_fields.get("min_scale", 0.08)))
     # float32 scores of exactly 0 nats (confidence 1.0) tie: METHODS.md §3, "Ties"
     n_tied = int((cand.confidence == 1.0).sum())
-    img = widgets.to_hwc(x01[pick])
-    boxed = img.copy()
     tiles, caps = [], []
     for r in range(m_crops):
-        i, j, h, w = cand.boxes[r].tolist()
         kept = [sel for sel, pos in (("lowest", cand.lowest), ("highest", cand.highest))
                 if pos == r]
         tags = (["in top t"] if cand.kept[r] else []) + (
@@ -158,9 +155,7 @@ def cidd() -> None:
         tied = " (tied)" if cand.confidence[r] == 1.0 and n_tied > 1 else ""
         caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}{tied}"
                     + (f" · {', '.join(tags)}" if tags else ""))
-        if cand.kept[r]:
-            boxed[i, j:j + w] = boxed[i + h - 1, j:j + w] = boxed[i:i + h, j] = \
-                boxed[i:i + h, j + w - 1] = (255, 230, 0)
+    boxed = draw_boxes(widgets.to_hwc(x01[pick]), cand.boxes[cand.kept])
     c = st.columns([1, 5])
     with c[0]:
         widgets.image_grid([overlay(x01[pick], cams[pick], alpha, cmap), boxed],

@@ -12,8 +12,9 @@ One class per CAM method over the base :class:`CAM`, one verb (as pytorch-grad-c
   (used inside optimisation loops: NRR-DD masks, EDF's DAE); equals ``pytorch_grad_cam.GradCAM``.
 * :class:`PackageCAM` subclasses: the grad-cam package's GradCAM, GradCAM++, XGradCAM, ScoreCAM,
   LayerCAM, EigenCAM, side effects contained (for the explorer).
-* :func:`noncritical_mask` (METHODS.md §4.3 Eq. 4), :func:`dae_weight` (METHODS.md §5.5),
-  :func:`complexity_score` (METHODS.md §7), :func:`cam_ratio` (METHODS.md §4.2), :func:`overlay` (display).
+* :func:`noncritical_mask` (METHODS.md §4.3 Eq. 4), :func:`noncritical_share`, :func:`dae_weight`
+  (METHODS.md §5.5), :func:`complexity_score` (METHODS.md §7), :func:`cam_ratio` (METHODS.md §4.2),
+  :func:`overlay` and :func:`draw_boxes` (display).
 
 Conventions: ``x_norm`` are normalised images ``(N,3,H,W)``; ``targets`` holds one class index per
 image (int64 ``(N,)``; a single index for a whole batch is refused); CAM maps are ``(N,H,W)``
@@ -467,6 +468,25 @@ def noncritical_mask(cam: torch.Tensor, tau: float, mode: str = "soft") -> torch
     return m
 
 
+def noncritical_share(cam, tau: float):
+    """Share of each image's pixels that are non-critical, ``mean(1[C < tau])`` (METHODS.md §4.3:
+    the pixels NRR-DD may change, where :func:`noncritical_mask` is non-zero).
+
+    Args:
+        cam: CAMs ``(N,H,W)`` in [0,1] (tensor or array). tau: threshold in [0,1].
+
+    Returns:
+        ``(N,)`` shares in [0,1], same kind (tensor / array) as ``cam``.
+
+    Raises:
+        ConfigError: ``tau`` outside [0,1].
+    """
+    if not 0.0 <= float(tau) <= 1.0:
+        raise ConfigError(f"tau must lie in [0, 1], got {tau}")
+    below = cam < tau
+    return below.float().mean((1, 2)) if isinstance(below, torch.Tensor) else below.mean((1, 2))
+
+
 def dae_weight(cam: torch.Tensor, beta: float, threshold: float = 0.0) -> torch.Tensor:
     """EDF's discriminative area enhancement weight (METHODS.md §5.5; EDF code
     ``create_soft_mask``).
@@ -555,3 +575,27 @@ def overlay(img01, cam, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray
     w = 1.0 - float(alpha)  # the package's image_weight
     out = (1 - w) * heat + w * img.clamp(0, 1).numpy()
     return np.uint8(255 * (out / np.max(out)))
+
+
+def draw_boxes(img: np.ndarray, boxes, color: tuple[int, int, int] = (255, 230, 0),
+               width: int = 1) -> np.ndarray:
+    """A copy of an RGB ``uint8`` image ``(H,W,3)`` with the outline of each box drawn (for
+    display: CIDD's candidate boxes, METHODS.md §4.2).
+
+    Args:
+        img: RGB ``uint8`` array ``(H,W,3)``.
+        boxes: int ``(K,4)`` boxes ``(i, j, h, w)`` in pixels (top row, left column, height,
+            width), as :func:`cam_ratio` takes them.
+        color: RGB outline colour. width: outline thickness in pixels (inside the box).
+
+    Returns:
+        RGB ``uint8`` array ``(H,W,3)``; the input is not changed.
+    """
+    out = np.array(img, dtype=np.uint8, copy=True)
+    for i, j, h, w in torch.as_tensor(boxes).reshape(-1, 4).tolist():
+        t = max(1, min(int(width), h, w))
+        out[i:i + t, j:j + w] = color
+        out[i + h - t:i + h, j:j + w] = color
+        out[i:i + h, j:j + t] = color
+        out[i:i + h, j + w - t:j + w] = color
+    return out

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from nrrdd_core.cam import (CAM, CAM_METHODS, CAMS, COLORMAPS, ClassicCAM, GradCAM, cam_ratio,
-                            complexity_score, dae_weight, find_classifier, get_cam,
-                            layer_outputs, noncritical_mask, overlay)
+                            complexity_score, dae_weight, draw_boxes, find_classifier, get_cam,
+                            layer_outputs, noncritical_mask, noncritical_share, overlay)
 from nrrdd_core.errors import ConfigError
 
 
@@ -265,3 +265,27 @@ def test_supported_layers():
         assert _in_range(ClassicCAM(flat, dict(flat.named_modules())[name]).attribute(x, y))
     with pytest.raises(ConfigError, match="pick the layer"):
         ClassicCAM(flat, flat[6]).attribute(x, y)
+
+
+def test_noncritical_share_is_where_the_mask_is_nonzero():
+    cam = torch.tensor([[[0.0, 0.2], [0.5, 1.0]], [[0.4, 0.4], [0.4, 0.4]]])
+    torch.testing.assert_close(noncritical_share(cam, 0.5), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(noncritical_share(cam, 0.0), torch.tensor([0.0, 0.0]))
+    np.testing.assert_allclose(noncritical_share(cam.numpy(), 0.3), [0.5, 0.0])
+    for tau in (0.0, 0.3, 0.5, 1.0):
+        want = (noncritical_mask(cam, tau, "soft") > 0).float().mean((1, 2, 3))
+        torch.testing.assert_close(noncritical_share(cam, tau), want)
+    with pytest.raises(ConfigError):
+        noncritical_share(cam, 1.5)
+
+
+def test_draw_boxes_outlines_only():
+    img = np.zeros((6, 7, 3), np.uint8)
+    out = draw_boxes(img, torch.tensor([[1, 2, 3, 4]]), color=(9, 8, 7))
+    assert img.sum() == 0 and out.dtype == np.uint8                 # input untouched
+    drawn = (out == (9, 8, 7)).all(-1)
+    want = np.zeros((6, 7), bool)
+    want[1, 2:6] = want[3, 2:6] = want[1:4, 2] = want[1:4, 5] = True  # rows 1..3, cols 2..5
+    np.testing.assert_array_equal(drawn, want)
+    thick = (draw_boxes(img, [[0, 0, 6, 7]], width=2) != 0).any(-1)
+    assert thick[:2].all() and thick[:, :2].all() and not thick[2:4, 2:5].any()
