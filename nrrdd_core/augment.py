@@ -5,10 +5,10 @@ drawn on the CPU and applied on ``x``'s device); the global RNG is never consume
 ``(N,3,H,W)`` float tensors in any pixel space (normalised or [0,1]) unless said otherwise, and
 every function except RandAugment is differentiable w.r.t. ``x``.
 
-Sources: METHODS.md §1.3 (CutMix / Mixup), 0.4 (student augmentation), 1 (SRe2L recover augmentation);
-the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params`` and the crop +
-resize is torchvision's tensor ``resized_crop`` (bilinear, antialiased) written with torch alone,
-so importing this module does not import torchvision (seconds); RandAugment imports it on use.
+Sources: METHODS.md §1.3 (CutMix / Mixup), §1.4 (student augmentation), §2 (SRe2L recover
+augmentation); the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params``
+and the crop + resize is torchvision's tensor ``resized_crop`` (bilinear, antialiased) written with
+torch alone, so importing this module does not import torchvision (seconds); RandAugment imports it on use.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def student_loss(student_logits: torch.Tensor, values: torch.Tensor | None, y: t
 # ---- trajectory matching (METHODS.md §5.3) ---------------------------------------------------
 def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, target: torch.Tensor,
                   alpha: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Normalised parameter-matching loss with Common Pattern Dropout (METHODS.md §5.3 step 3, 4.4).
+    """Normalised parameter-matching loss with Common Pattern Dropout (METHODS.md §5.3, §5.4).
 
     ``e = (theta_N - target)^2``, ``d = (theta0 - target)^2`` per scalar (``(P,)``); the
     ``floor(alpha P)`` smallest ``e`` are dropped and ``L = sum_keep e / sum_keep d``. With

@@ -1,4 +1,4 @@
-"""Seeded augmentations (METHODS.md §1.3, 0.4, 1)."""
+"""Seeded augmentations (METHODS.md §1.3, §1.4, §2)."""
 
 from __future__ import annotations
 
