@@ -8,7 +8,8 @@ every function except RandAugment is differentiable w.r.t. ``x``.
 Sources: METHODS.md §1.3 (CutMix / Mixup), §1.4 (student augmentation), §2 (SRe2L recover
 augmentation); the RandomResizedCrop sampling is torchvision's ``RandomResizedCrop.get_params``
 and the crop + resize is torchvision's tensor ``resized_crop`` (bilinear, antialiased) written with
-torch alone, so importing this module does not import torchvision (seconds); RandAugment imports it on use.
+torch alone, so importing this module does not import torchvision (seconds); RandAugment imports
+it on use.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _resized_crop(x: torch.Tensor, i: int, j: int, h: int, w: int, size: list[in
                          antialias=True)
 
 
-def apply_crops(x: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:
+def apply_crops(x: torch.Tensor, boxes: torch.Tensor,
+                out_size: int | tuple[int, int]) -> torch.Tensor:
     """Crop box ``k`` out of image ``k`` and resize it bilinearly to ``out_size``.
 
     Same result as ``torchvision.transforms.v2.functional.resized_crop`` (bilinear, antialias as
@@ -182,7 +184,7 @@ def recover_augment(x: torch.Tensor, image_size: int, generator: torch.Generator
 
 def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0
            ) -> tuple[torch.Tensor, torch.Tensor, float, tuple[int, int, int, int]]:
-    """CutMix of a batch with a random permutation of itself (METHODS.md §1.3, the RDED / SRe2L code).
+    """CutMix of a batch with a random permutation of itself (METHODS.md §1.3; RDED / SRe2L code).
 
     ``lam ~ Beta(beta, beta)``, partner ``perm = randperm(B)``, box side ratio ``sqrt(1 - lam)`` of
     each side, uniform centre, clipped to the image; the box of image ``b`` is replaced by the same
@@ -215,7 +217,8 @@ def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0
 
 def mixup(x: torch.Tensor, generator: torch.Generator, alpha: float = 0.8
           ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup (METHODS.md §1.3): ``x_mix = lam x + (1 - lam) x[perm]``, ``lam ~ Beta(alpha, alpha)``.
+    """Mixup (METHODS.md §1.3): ``x_mix = lam x + (1 - lam) x[perm]``,
+    ``lam ~ Beta(alpha, alpha)``.
 
     Returns:
         ``(x_mix, perm, lam)``: ``x_mix`` like ``x`` (differentiable), ``perm`` int64 ``(B,)`` on

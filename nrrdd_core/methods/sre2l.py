@@ -1,12 +1,13 @@
-"""SRe2L recover: synthesise images from noise by matching the teacher's BN statistics (METHODS.md §2)
-[code, SRe2L].
+"""SRe2L recover: synthesise images from noise by matching the teacher's BN statistics
+(METHODS.md §2) [code, SRe2L].
 
 ``x~ ~ N(0,1)`` in normalised space; Adam(lr 0.25, betas (0.5, 0.9)), cosine decay to 0 over
-``iterations``; each iteration ``L = CE(T(A(x~)), y) + r_bn * L_bn`` (METHODS.md §1.2) with ``A`` the
-recover augmentation (a random roll, plus a shared RandomResizedCrop and flip above 32 px), then
-each channel is clipped to the normalised image of [0,1]. The last iterate is kept. lr, r_bn and
-the roll offsets default to the released values for the input side (0.25 / 0.01 / {0..4} at
-32 px, 0.1 / 1.0 / {-4..4} at 64 px, 0.25 / 0.01 / {0..32} at 224 px). Soft labels come later, from the teacher (METHODS.md §1.4).
+``iterations``; each iteration ``L = CE(T(A(x~)), y) + r_bn * L_bn`` (METHODS.md §1.2) with ``A``
+the recover augmentation (a random roll, plus a shared RandomResizedCrop and flip above 32 px),
+then each channel is clipped to the normalised image of [0,1]. The last iterate is kept. lr, r_bn
+and the roll offsets default to the released values for the input side (0.25 / 0.01 / {0..4} at
+32 px, 0.1 / 1.0 / {-4..4} at 64 px, 0.25 / 0.01 / {0..32} at 224 px). Soft labels come later,
+from the teacher (METHODS.md §1.4).
 """
 
 from __future__ import annotations
