@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from ..augment import cutmix
 from ..cam import get_cam, noncritical_mask
 from ..configs import param
+from ..diagnostics import RefineDiagnostics, diagnose
+from ..models.teacher import Teacher
 from ..errors import ConfigError
 from .base import StepRecord, register_method
 from .common import (CONFIDENCES, PatchSelectionConfig, PatchSelectionDistiller, RefineConfig,
@@ -128,6 +130,9 @@ class NRRDD(PatchSelectionDistiller):
     images, labels ordered class by class. Views: ``"initial"`` (``x~0`` in [0,1]), and once
     CIDD is done ``"mask"`` ``(N,1,H,W)`` (current update weights), ``"cam"`` ``(N,H,W)`` (CAM of
     ``x~0``), ``"change"`` ``(N,H,W)`` (mean over channels of ``|x - x~0|`` in [0,1] pixels).
+    :meth:`diagnostics`: per-image teacher / independent-model agreement before and after
+    refinement, pixel change and frozen share (METHODS.md §4.6); the independent model is the
+    constructor's ``independent=`` (optional).
 
     Raises (constructor): DataError (a class has fewer real images than ``ipc * factor**2``
     candidates need), ConfigError, TeacherMismatchError. ``step`` raises NonFiniteLossError
@@ -136,10 +141,28 @@ class NRRDD(PatchSelectionDistiller):
 
     Config: ClassVar = NRRDDConfig
 
-    def __init__(self, config: NRRDDConfig, **kwargs) -> None:
+    def __init__(self, config: NRRDDConfig, independent: Teacher | None = None, **kwargs) -> None:
         super().__init__(config, **kwargs)
         self.refiner: Refiner | None = None
         self.cam0: torch.Tensor | None = None
+        self.independent = independent
+
+    def diagnostics(self, independent: Teacher | None = None) -> RefineDiagnostics:
+        """Per-image refinement diagnostics of the current images against ``x~0``
+        (:func:`nrrdd_core.diagnostics.diagnose`, METHODS.md §4.6): teacher and independent-model
+        probability of the label and agreement before / after, mean and max pixel change, share
+        of frozen pixels (mask == 0).
+
+        Args:
+            independent: a second model trained on the same data; default: the one given to the
+                constructor (``independent=``), or none.
+
+        Call between steps, in the thread that runs them (the teacher's BN hooks run).
+        """
+        x, y = self.images()
+        mask = self.refiner.mask if self.refiner is not None else None
+        ind = independent if independent is not None else self.independent
+        return diagnose(self.teacher, to01(self.teacher, self.x0), x, y, ind, mask)
 
     @property
     def per_image(self) -> int:
