@@ -1,4 +1,5 @@
-"""Peak memory of EDF's student unroll against syn_steps, for both unrolls (METHODS.md §5.7).
+"""Peak memory of EDF's student unroll against syn_steps, for both unrolls (METHODS.md §5.7), and
+of RDED against the size of an ImageFolder dataset, in memory or streamed (``--stream``).
 
 One outer EDF iteration -- the unroll of ``syn_steps`` student SGD steps with DSA, the matching
 loss and its backward to the images, labels and lr -- on the CIFAR-10 IPC 10 shapes: ConvNet-3
@@ -10,6 +11,13 @@ its resident size just before it (Linux VmHWM after resetting it with ``clear_re
 uses to refuse a run (:func:`nrrdd_core.methods.edf.estimate_unroll_bytes`).
 
     .venv/bin/python bench/memory.py --out bench/results/memory_cpu.json
+    .venv/bin/python bench/memory.py --stream --out bench/results/memory_stream_cpu.json
+
+``--stream``: a generated 3-class ImageFolder of 128 px JPEGs with 50, 200 and 800 images per
+class; each (entry, size) in a fresh process loads the dataset (``imagefolder``: every image
+decoded; ``imagefolder_stream``: files listed, images decoded on demand in DataLoader workers) and
+runs RDED at factor 2 (IPC 1, mipc 20) with a random ConvNet-BN teacher; the figure is the peak
+resident set size minus the size before loading.
     .venv/bin/python bench/memory.py --tiny --out /tmp/memory_tiny.json     # seconds, for tests
 """
 
@@ -92,8 +100,81 @@ def run_unit(spec: dict) -> dict:
     return out
 
 
+STREAM_SIZES = (50, 200, 800)
+STREAM_SECTION = """RDED at factor 2 from a generated ImageFolder (3 classes, 128 px JPEGs), each setting in a
+fresh process: peak resident memory minus the size before loading the dataset. The in-memory
+entry decodes every image when loading, so its memory grows with the dataset; the streamed entry
+(`imagefolder_stream`, METHODS.md §7) decodes only the images RDED scores (`mipc` per class, plus
+the stitched ones), so its memory does not."""
+
+
+def make_folder(root: Path, per_class: int, size: int = 128, classes: int = 3) -> Path:
+    """``root/class<k>/<i>.jpg`` smooth ramps with noise (idempotent: existing files are kept)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            f = d / f"{i:04d}.jpg"
+            base = 40 + 60 * c + 80 * ramp * rng.random(3)[None, None, :]
+            img = np.broadcast_to(base, (size, size, 3)) + rng.normal(0, 8, (size, size, 3))
+            if not f.exists():
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(f, quality=85)
+    return root
+
+
+def run_stream_unit(spec: dict) -> dict:
+    """One (entry, dataset size) setting in this process; see ``--stream`` in the docstring."""
+    from nrrdd_core.data import load_dataset
+    from nrrdd_core.methods import make_distiller, run_distiller
+    from nrrdd_core.models import build_model
+    from nrrdd_core.models.teacher import Teacher
+
+    import torchvision.datasets.folder  # noqa: F401  (imports before the baseline)
+
+    torch.set_num_threads(int(spec.get("threads") or 2))
+    torch.manual_seed(0)
+    model = build_model("convnet_bn", 3, 128, depth=3, width=16)
+    with torch.no_grad():
+        model.eval()(torch.zeros(25, 3, 128, 128))
+    before, _ = common.rss_mb()
+    reset = common.reset_peak_rss()
+    t0 = time.perf_counter()
+    kw = {"workers": 2} if spec["entry"] == "imagefolder_stream" else {}
+    bundle = load_dataset(spec["entry"], root=spec["root"], image_size=128, test_fraction=0.0, **kw)
+    teacher = Teacher(model, "convnet_bn", bundle.config, "features", {"depth": 3, "width": 16})
+    d = make_distiller("rded", {"mipc": 20, "images_per_step": 5, "factor": 2}, teacher=teacher,
+                       dataset=bundle, ipc=1, device="cpu", seed=0)
+    run_distiller(d)
+    _, peak = common.rss_mb()
+    return {"entry": spec["entry"], "per_class": spec["per_class"], "images": len(bundle.train),
+            "decoded_mib": round(len(bundle.train) * 3 * 128 * 128 / 2**20, 1),
+            "images_decoded": getattr(bundle.train, "decoded", len(bundle.train)),
+            "seconds": round(time.perf_counter() - t0, 2), "rss_before_mb": round(before, 1),
+            "peak_minus_before_mb": round(peak - before, 1), "peak_reset": reset}
+
+
+def stream_markdown(doc: dict) -> str:
+    """The table of one ``memory_stream_*.json`` document."""
+    rows = [[r["entry"], r.get("images", ""), r.get("decoded_mib", ""), "error: " + r["error"], "", ""]
+            if "error" in r else
+            [r["entry"], r["images"], f"{r['decoded_mib']:.0f}", f"{r['peak_minus_before_mb']:.0f}",
+             r["images_decoded"], f"{r['seconds']:.1f}"] for r in doc["results"]]
+    m = doc["machine"]
+    return "\n".join([f"Command: `{doc['command']}`. Machine: device {m['device']}, torch {m['torch']}, "
+                      f"{m['torch_threads']} threads.", "", common.md_table(
+                          ["entry", "train images", "decoded size (MiB)", "peak - before (MiB)",
+                           "images decoded", "seconds"], rows), ""])
+
+
 def markdown(doc: dict) -> str:
     """The table of one ``memory_*.json`` document."""
+    if doc.get("kind") == "stream":
+        return stream_markdown(doc)
     rows = []
     for r in doc["results"]:
         if "error" in r:
@@ -122,14 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--syn-steps", type=int, nargs="+", default=list(SYN_STEPS))
     ap.add_argument("--unrolls", nargs="+", choices=UNROLLS, default=list(UNROLLS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stream", action="store_true", help="RDED memory vs ImageFolder size instead")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(STREAM_SIZES),
+                    help="--stream: images per class")
+    ap.add_argument("--folder", type=Path, default=common.bench_cache() / "memory_folder",
+                    help="--stream: where the generated folders are kept")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--unit", help=argparse.SUPPRESS)  # internal: one setting as JSON
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     common.setup_logging(args.verbose)
     if args.unit:
-        print(json.dumps(run_unit(json.loads(args.unit))))
+        spec = json.loads(args.unit)
+        print(json.dumps(run_stream_unit(spec) if "entry" in spec else run_unit(spec)))
         return 0
+    if args.stream:
+        return stream_main(args, argv)
     dev = resolve_device(args.device)
     shape = TINY if args.tiny else FULL
     out = args.out or common.RESULTS_DIR / f"memory_{dev.type}.json"
@@ -137,19 +226,40 @@ def main(argv: list[str] | None = None) -> int:
            "shape": shape, "machine": common.machine_info(dev), "results": []}
     for steps in args.syn_steps:
         for unroll in args.unrolls:
-            spec = {"device": args.device, "shape": shape, "unroll": unroll, "syn_steps": steps,
-                    "threads": args.threads}
-            p = subprocess.run([sys.executable, __file__, "--unit", json.dumps(spec)],
-                               capture_output=True, text=True)
-            if p.returncode:
-                err = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"
-                r = {"unroll": unroll, "syn_steps": steps, "error": err}
-            else:
-                r = json.loads(p.stdout.strip().splitlines()[-1])
+            r = {"unroll": unroll, "syn_steps": steps, **_subprocess_unit(
+                {"device": args.device, "shape": shape, "unroll": unroll, "syn_steps": steps,
+                 "threads": args.threads})}
             common.log.info("%s syn_steps=%d: %s", unroll, steps, r)
             doc["results"].append(r)
             common.write_json(out, doc)
     print(markdown(doc))
+    print(f"\nwritten {out}")
+    return 1 if any("error" in r for r in doc["results"]) else 0
+
+
+def _subprocess_unit(spec: dict) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--unit", json.dumps(spec)], capture_output=True,
+                       text=True)
+    if p.returncode:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def stream_main(args, argv) -> int:
+    dev = resolve_device("cpu")
+    out = args.out or common.RESULTS_DIR / "memory_stream_cpu.json"
+    doc = {"kind": "stream", "command": "python bench/memory.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "machine": common.machine_info(dev),
+        "results": []}
+    for n in args.sizes:
+        root = make_folder(args.folder / f"per_class_{n}", n)
+        for entry in ("imagefolder", "imagefolder_stream"):
+            r = {"entry": entry, "per_class": n, **_subprocess_unit(
+                {"entry": entry, "root": str(root), "per_class": n, "threads": args.threads})}
+            common.log.info("%s %d per class: %s", entry, n, r)
+            doc["results"].append(r)
+            common.write_json(out, doc)
+    print(stream_markdown(doc))
     print(f"\nwritten {out}")
     return 1 if any("error" in r for r in doc["results"]) else 0
 
