@@ -141,13 +141,16 @@ def test_experts_distill_edf_and_evaluate_edf(capsys, tmp_path, teacher_path):
     ex = saved.extras
     assert ex["label_logits"].shape == (2, 10) and ex["arch_kwargs"] == {"depth": 2, "width": 8}
     assert saved.labels.tolist() == [0, 5] and ex["syn_lr"] > 0  # the distilled classes
+    assert ex["images_float"].shape == (2, 3, 32, 32)           # the float tensor is kept
+    conf = saved.manifest["config"]                             # EDF's IPC-1 values, resolved
+    assert (conf["cpd_alpha"], conf["dae_interval"], conf["dae_beta"]) == (0.0, 50, 1.0)
     code, out, err = run(capsys, "evaluate", str(tmp_path / "e"), "--protocol", "edf", "--epochs",
                          "2", "--device", "cpu")
     assert code == 0, err
     assert "edf protocol, 2 epochs" in out
     conf = list_evals(tmp_path / "e")[0]["config"]
     assert conf["lr"] == ex["syn_lr"] and conf["arch_kwargs"] == ex["arch_kwargs"]
-    assert conf["soft_labels"] and conf["epochs"] == 2
+    assert conf["soft_labels"] and conf["epochs"] == 2 and conf["inputs"] == "float"
     assert (conf["student"], conf["label_mode"]) == ("convnet_in", "soft")
 
 
