@@ -88,6 +88,34 @@ def evaluate(args, bundle, teacher, dset: dict, form: str, seed: int, cache: Pat
     return res.final_acc
 
 
+SECTION = """## EDF evaluated on its float tensor
+
+The EDF protocol (METHODS.md §5.6) trains its student on the distilled tensor as optimised, as the
+official code does (normalised, ZCA-whitened when the experts are, unclipped); the 8-bit PNGs of a
+run are for viewing. Both forms of the same distilled sets, same student seeds:"""
+
+
+def markdown(doc: dict) -> str:
+    """The table of one ``edf_float_*.json`` document (``bench/edf_float.py``)."""
+    rows = [[f"{r['lr_img']:g}", f"{100 * r['fraction_outside_01']:.1f} %",
+             f"{r['max_outside_01']:.2f}",
+             f"{100 * r['mean_acc_float']:.2f} ({' / '.join(f'{100 * a:.1f}' for a in r['acc_float'])})",
+             f"{100 * r['mean_acc_png8']:.2f} ({' / '.join(f'{100 * a:.1f}' for a in r['acc_png8'])})",
+             f"{100 * r['float_minus_png8']:+.2f}"] for r in doc["rows"]]
+    m, e, ex = doc["machine"], doc["rows"][0]["edf_config"], doc["experts"]
+    return "\n".join([
+        f"Command: `{doc['command']}`; {doc['dataset']}, {doc['classes']} classes, IPC "
+        f"{doc['ipc']}; EDF {e['iterations']} iterations of syn_steps {e['syn_steps']} x batch "
+        f"{e['batch_syn']} (CPD alpha {e['cpd_alpha']}, DAE beta {e['dae_beta']} every "
+        f"{e['dae_interval']}) on {ex['num_experts']} experts x {ex['epochs']} epochs (width "
+        f"{ex['width']}, ZCA {'on' if ex.get('zca') else 'off'}); students {doc['eval_epochs']} "
+        f"EDF epochs, seeds {', '.join(map(str, doc['student_seeds']))}; {m.get('device', 'cpu')}, "
+        f"load average {(m.get('loadavg') or ['?'])[0]}.", "",
+        common.md_table(["lr_img", "pixel values outside [0,1]", "max distance to [0,1]",
+                         "top-1 % float tensor (per seed)", "top-1 % 8-bit PNG (per seed)",
+                         "float - PNG (points)"], rows), ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lr-img", default="100,1000", help="comma-separated lr_img values")
