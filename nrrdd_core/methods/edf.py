@@ -5,8 +5,8 @@ State: synthetic images ``x~ (N,3,H,W)`` (normalised pixels; ZCA-whitened when t
 buffer was trained with ZCA), learnable label logits ``Y (N,C)`` (C = classes of the dataset)
 and a learnable student learning rate ``eta``. One :meth:`EDFDistiller.step` is one outer
 iteration; when no expert buffer is given and none is cached, the first steps (phase
-``"experts"``) train the buffer with :class:`~nrrdd_core.experts.ExpertConfig` defaults, one
-expert epoch per step.
+``"experts"``) train the buffer of the ``expert_config`` argument (default: the
+:class:`~nrrdd_core.experts.ExpertConfig` defaults), one expert epoch per step.
 
 By default EDF is EDF: CPD's alpha and DAE's interval follow the IPC as in the official configs
 (:data:`IPC_DEFAULTS`, :meth:`EDFConfig.for_ipc`) and DAE's beta is 1. Plain DATM is the explicit
