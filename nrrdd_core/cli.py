@@ -325,6 +325,10 @@ def _distill(args: argparse.Namespace, root: Path | None, name: str, dist) -> in
     kw = dataset_kwargs(args)
     teacher, bundle = teacher_and_bundle(args.teacher, args.device, args.dataset, kw)
     teacher = teacher.with_pass_options(args.bf16, args.channels_last)
+    if dist.world > 1 and args.method == "edf" and not cfg.buffer:  # experts shared over ranks
+        from .experts import ExpertConfig
+
+        dist.train_experts(ExpertConfig(), bundle)
     classes = bundle.resolve_classes(_classes(args.classes))
     t0 = time.perf_counter()
     d = make_distiller(args.method, cfg, teacher=teacher, dataset=bundle, classes=classes,
@@ -407,14 +411,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_experts(args: argparse.Namespace) -> int:
     from .experts import ExpertConfig, train_experts
 
+    from .distributed import from_env
+
     cfg = config_from_args(ExpertConfig, args)
     bundle = load_bundle(args.dataset, dataset_kwargs(args), _classes(args.classes))
+    dist = from_env(args.device)  # under torchrun: expert i on rank i mod world
     bar = _Bar("experts")
     try:
-        path = train_experts(cfg, bundle, device=args.device, progress=bar)
+        path = dist.train_experts(cfg, bundle, progress=bar) if dist.world > 1 else \
+            train_experts(cfg, bundle, device=args.device, progress=bar)
     finally:
         bar.close()
-    print(f"expert buffer: {path}")
+        dist.close()
+    if dist.writes:
+        print(f"expert buffer: {path}")
     return 0
 
 

@@ -19,7 +19,12 @@ What is sharded (:func:`DistContext.run`):
   rank selects it, and the same as in a one-process run. When every rank has selected its
   classes, the stitched images are all-gathered; rank 0 then runs what follows (NRR-DD's
   refinement, which optimises all images jointly) and writes the one run; the other ranks exit.
-- Methods without a per-class phase (SRe2L, EDF) run whole on rank 0; the other ranks exit at once.
+- EDF's expert trajectories (:meth:`DistContext.train_experts`, ``nrrdd experts`` and ``nrrdd
+  distill --method edf`` without a buffer): expert ``i`` is trained by rank ``i mod world`` (each
+  expert depends only on ``(seed, i)``, so the buffer equals the one-process buffer); rank 0 writes
+  the manifest once all are there. The matching itself then runs on rank 0.
+- Methods without a per-class phase (SRe2L, EDF's matching) run whole on rank 0; the other ranks
+  exit at once.
 """
 
 from __future__ import annotations
@@ -124,6 +129,37 @@ class DistContext:
         if d.select_steps == 0:  # more ranks than classes: still take part in the gather
             d.x0 = self.gather_classes(d.x0, d.ipc)
         return False
+
+    def train_experts(self, cfg, bundle, device: str | torch.device | None = None,
+                      progress: Callable | None = None):
+        """Train the expert buffer of ``cfg`` on ``bundle`` with expert ``i`` on rank
+        ``i mod world`` (cached experts are reused); returns the buffer folder on every rank.
+
+        With one process this is :func:`nrrdd_core.experts.train_experts`.
+        """
+        import torch.distributed as dist
+
+        from .experts import MANIFEST, ExpertTrainer, buffer_dir, train_experts
+
+        device = device or self.device
+        if self.world == 1 or (buffer_dir(cfg, bundle) / MANIFEST).is_file():
+            return train_experts(cfg, bundle, device=device, progress=progress)
+        trainer = ExpertTrainer(cfg, bundle, device)
+        mine = owned_positions(cfg.num_experts, self.rank, self.world)
+        for n, i in enumerate(mine):
+            if trainer._reusable(i):
+                continue
+            trainer.expert = i
+            trainer._start_expert(reuse=False)
+            while trainer.expert == i:
+                info = trainer.step()
+                if progress is not None:
+                    progress(n * cfg.epochs + info["epoch"], len(mine) * cfg.epochs, info)
+        dist.barrier()
+        if self.writes:
+            path = ExpertTrainer(cfg, bundle, device).finish()  # every expert file is reused
+        dist.barrier()
+        return path if self.writes else buffer_dir(cfg, bundle)
 
     def close(self) -> None:
         """Leave the process group (safe to call twice)."""

@@ -72,3 +72,30 @@ def test_torchrun_two_processes_equal_one_process(method, tmp_path):
     assert torch.equal(one.images01, two.images01) and torch.equal(one.labels, two.labels)
     assert one.images01.std() > 0
     assert two.manifest["timings"]["processes"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_experts_one_per_rank_equal_one_process(tmp_path, monkeypatch):
+    args = ["experts", "--dataset", "shapes", "--dataset-opt", "train_per_class=6", "--dataset-opt",
+            "test_per_class=2", "--num-experts", "3", "--epochs", "1", "--width", "8", "--depth", "1",
+            "--threads", "1", "--device", "cpu"]
+    monkeypatch.setenv("NRRDD_CACHE", str(tmp_path / "one"))
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(REPO), "NRRDD_CACHE": str(tmp_path / "two")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "-m", "nrrdd_core.cli", *args],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one = sorted((tmp_path / "one").rglob("expert_*.pt"))
+    two = sorted((tmp_path / "two").rglob("expert_*.pt"))
+    assert [f.name for f in one] == [f.name for f in two] == [f"expert_{i:03d}.pt" for i in range(3)]
+    for a, b in zip(one, two):
+        ta = torch.load(a, weights_only=True)["trajectory"]
+        assert torch.equal(ta, torch.load(b, weights_only=True)["trajectory"]) and ta.shape[0] == 2
+    assert len(list((tmp_path / "two").rglob("manifest.json"))) == 1
