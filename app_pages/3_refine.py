@@ -8,7 +8,7 @@ import streamlit as st
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.export import default_runs_root, load_run, save_run
 from nrrdd_core.methods import get_method, list_methods
-from studio import jobs, runners, settings, widgets
+from studio import jobs, reopen, runners, settings, widgets
 from studio import keys as K
 
 PX = 64
@@ -31,18 +31,14 @@ if opened:
         run = None
     if run is not None:
         mf = run.manifest
-        if st.session_state.get(K.OPEN_RUN_APPLIED) != opened and mf.get("method") in \
-                list_methods():
-            st.session_state[K.METHOD] = mf["method"]
-            for name, value in mf.get("config", {}).items():
-                st.session_state[K.knob(mf["method"], name)] = value
+        values = reopen.knob_values(mf)
+        if st.session_state.get(K.OPEN_RUN_APPLIED) != opened and values:
+            st.session_state.update(values)
             st.session_state[K.OPEN_RUN_APPLIED] = opened
         with st.expander(f"Reopened run **{run.name}** ({mf.get('method')}, "
                          f"{len(run.labels)} images) — its settings are loaded below",
                          expanded=True):
-            widgets.class_rows(run.images01, run.labels, sorted(set(run.labels.tolist())),
-                               [mf["dataset"]["all_class_names"][c] for c in
-                                sorted(set(run.labels.tolist()))], px=PX)
+            widgets.class_rows(run.images01, run.labels, *reopen.run_classes(run), px=PX)
             if st.button("Close", key=K.CLOSE_RUN):
                 del st.session_state[K.OPEN_RUN]
                 st.rerun()
