@@ -34,7 +34,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .dsa import dsa
-from .experts import ParamLayout, soft_cross_entropy
+from .losses import soft_cross_entropy
+from .models.flat import ParamLayout
 
 #: the unroll choices of :class:`~nrrdd_core.methods.edf.EDFConfig` ``unroll``
 UNROLLS = ("plain", "recompute")

@@ -25,9 +25,11 @@ from ..data.base import DatasetBundle
 from ..device import make_generator, resolve_device
 from ..dsa import DSA_STRATEGIES, dsa
 from ..errors import ConfigError, DataError, NonFiniteLossError
-from ..experts import seeded_model, soft_cross_entropy, zca_for
+from ..losses import soft_cross_entropy
+from ..models.flat import seeded_model
 from ..models.teacher import Teacher
 from ..models.train import accuracy
+from ..zca import zca_for
 from .kd import EvalConfig
 from .loop import (EvalResult, check_distilled_set, distilled_test_split, eval_epochs, make_result,
                    run_epochs)
