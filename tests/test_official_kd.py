@@ -225,6 +225,31 @@ def test_official_sre2l_recover_three_iterations(ref, teacher, variant):
         close(name, val, out[name], t_final)
 
 
+def test_official_sre2l_distiller_three_iterations(ref, teacher, train_prefix):
+    """The SRe2L Distiller itself (seed 0: its initial noise is case 1a's input, labels 0..9, one
+    batch of all images) with the case's roll offsets gives the official float32 iterations and
+    final [0,1] images."""
+    c = case(ref, "2_")
+    out = c["outputs"]["float32_variant"]
+    tol = out["suggested_tolerance"]
+    d = make_distiller("sre2l", {"iterations": 3}, teacher=teacher,
+                       dataset=_cat_bundle(case(ref, "3_"), train_prefix), ipc=1, device="cpu",
+                       seed=0)
+    assert_fingerprint(d.x_init, c["inputs"]["x0_fingerprint_before_cast"])
+    assert d.labels.tolist() == c["inputs"]["targets"]
+    offsets = iter(c["inputs"]["roll_offsets"])
+    d.refiner.augment = lambda x, g: torch.roll(x, shifts=tuple(next(offsets)), dims=(2, 3))
+    run_distiller(d)
+    d.close()
+    for rec, want in zip(d.history, out["per_iteration"]):
+        close("ce", rec.losses["ce"], want["ce"], tol["losses"])
+        close("bn", rec.losses["bn"], want["bn_sum_weighted"], tol["losses"])
+        close("total", rec.losses["loss"], want["total"], tol["losses"])
+    x01 = d.images()[0].double()
+    close("final_01 sum/max/min", [x01.sum(), x01.max(), x01.min()],
+          [out["final_01_sum"], out["final_01_max"], out["final_01_min"]], tol["final_*"])
+
+
 # ---- 3: RDED scoring, selection, stitching -----------------------------------------------------
 def _rded_inputs(c: dict, teacher: Teacher, train_prefix: dict):
     inp = c["inputs"]
