@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
+import study  # noqa: E402
 
 from nrrdd_core.device import resolve_device  # noqa: E402
 from nrrdd_core.evaluate import EvalConfig, evaluate_student, random_real_subset  # noqa: E402
@@ -437,6 +438,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="only regenerate docs/RESULTS.md from bench/results/*.json")
     ap.add_argument("--no-extra-ipcs", action="store_true",
                     help="skip the budget's one-seed extra IPCs (cpu: IPC 1 and 50, ~24 min)")
+    ap.add_argument("--study", choices=sorted(study.STUDIES), default=None,
+                    help="run the like-with-like study (bench/study.py) of this budget instead")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="with --study: add the refinement diagnostics to its result files")
+    ap.add_argument("--variants", default="",
+                    help="with --study: semicolon-separated row names to run (default: all)")
+    ap.add_argument("--part", default="",
+                    help="with --study --variants: write these rows to the part file "
+                         "study_<budget>_<setting>.<part>.json (for a second process)")
+    ap.add_argument("--settings", default="",
+                    help="with --study: comma-separated settings to run (default: all)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     common.setup_logging(args.verbose)
@@ -445,6 +457,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.study and args.diagnostics:
+        for s in study.STUDIES[args.study].settings:
+            paths = study.setting_paths(args.study, s.name, args.out or common.RESULTS_DIR)
+            if paths and (not args.settings or s.name in args.settings.split(",")):
+                study.add_diagnostics(paths, args.device)
+                print(f"diagnostics added to {', '.join(map(str, paths))}")
+        return 0
+    if args.study:
+        docs = study.main(args.study, [s for s in args.settings.split(",") if s], args.device, argv,
+                          cache=not args.no_cache, results_dir=args.out,
+                          variants=[v for v in args.variants.split(";") if v], part=args.part)
+        for doc in docs:
+            print(report.study_markdown([doc]))
+        return 0
     budget = BUDGETS["tiny" if args.tiny else args.budget]
     if args.no_extra_ipcs:
         budget = dataclasses.replace(budget, more_ipcs=())

@@ -117,6 +117,64 @@ def accuracy_markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
+def study_markdown(docs: list[dict]) -> str:
+    """The like-with-like study tables (``bench/accuracy.py --study``) of the settings in
+    ``docs`` (one ``study_<budget>_<setting>.json`` each): same-architecture settings first, then
+    the cross-architecture ones, each with its teacher, data and rows."""
+    out = []
+    for table, title in (("same_arch", "Same architecture (student = teacher's architecture)"),
+                         ("cross_arch", "Cross-architecture (a separate table, as NRR-DD's Table 3)")):
+        part = [d for d in docs if d.get("table") == table]
+        if not part:
+            continue
+        out += [f"**{title}**", ""]
+        for d in part:
+            t, ds = d.get("teacher") or {}, d["dataset"]
+            ev = d.get("eval") or {}
+            out += [f"*{d['label']}* ({d['status']}): train `{ds.get('train_file', ds['name'])}` "
+                    f"({ds['n_train']} images), test `{ds.get('test_file', ds['name'])}` "
+                    f"({ds['n_test']} images); teacher {t.get('source', '-')}, "
+                    f"test top-1 {100 * t['test_acc']:.2f} %"
+                    + (f", trained {t['epochs']} epochs in {t['train_seconds'] / 60:.0f} min"
+                       if t.get("train_seconds") else "")
+                    + f"; student {d['student']}, KD {ev.get('epochs', '?')} epochs"
+                    + (" + RandAugment" if ev.get("randaugment") else "")
+                    + f", student seeds {', '.join(map(str, d['student_seeds']))}. Command"
+                    + ("s: " + "; ".join(f"`{c.replace('python ', '')}`" for c in d["commands"])
+                       if len(d.get("commands", [])) > 1 else f": {_cmd(d)}") + ", "
+                    f"{_machine(d['machine'])}.", "",
+                    common.md_table(["set", "top-1 % (mean ± std)", "per student seed", "vs random",
+                                     "teacher agrees %", "independent agrees %", "mean change /255",
+                                     "distill s"],
+                                    [_study_row(d, r) for r in d["rows"]]), ""]
+            if d.get("independent"):
+                ind = d["independent"]
+                out += [f"Agreement = share of the set's images whose top-1 class is their label "
+                        f"(before -> after refinement, before = the CIDD set of the same confidence "
+                        f"reading); independent model: ConvNet-BN width {ind['recipe'].get('width', 32)}, "
+                        f"{ind['recipe']['epochs']} epochs on the same training split, test top-1 "
+                        f"{100 * ind['test_acc']:.1f} % (METHODS.md §4.6). A ⚠ marks a set whose "
+                        "refinement raised the teacher's agreement but not the independent model's.", ""]
+    return "\n".join(out)
+
+
+def _study_row(doc: dict, r: dict) -> list:
+    rand = next((x for x in doc["rows"] if x["method"] == "random"), None)
+    diag = (doc.get("diagnostics") or {}).get(r["variant"])
+
+    def agree(key: str) -> str:
+        if not diag or f"{key}_agree_after" not in diag:
+            return "-"
+        b, a = 100 * diag[f"{key}_agree_before"], 100 * diag[f"{key}_agree_after"]
+        return f"{a:.0f}" if diag.get("before") == "itself" else f"{b:.0f} -> {a:.0f}"
+    delta = f"{r['mean'] - rand['mean']:+.1f}" if rand and r is not rand and r["mean"] is not None else "-"
+    change = f"{255 * diag['change_mean']:.1f}" if diag and diag.get("before") == "CIDD" else "-"
+    warn = " ⚠" if diag and diag.get("warning") else ""
+    return [r["variant"], _pm(r), " / ".join(f"{a:.1f}" for a in r["accs"]), delta,
+            agree("teacher"), agree("independent") + warn, change,
+            f"{r['distill_seconds']:.0f}" if r["method"] != "random" else "-"]
+
+
 def speed_markdown(doc: dict) -> str:
     import speed
 
@@ -197,14 +255,40 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
                   "included). Timings on a shared machine are noisy: the load average is given.", ""]
         for p in speeds:
             parts.append(speed_markdown(json.loads(p.read_text())))
+    mems = sorted(results_dir.glob("memory_*.json"))
+    if mems:
+        import memory  # bench/memory.py: EDF peak memory against syn_steps
+
+        parts += [memory.SECTION, ""] + [memory.markdown(json.loads(p.read_text())) for p in mems]
+    floats = sorted(results_dir.glob("edf_float_*.json"))
+    if floats:
+        import edf_float  # bench/edf_float.py: EDF evaluated on its float tensor vs its PNGs
+
+        parts += [edf_float.SECTION, ""] + [edf_float.markdown(json.loads(p.read_text()))
+                                            for p in floats]
     uis = sorted(results_dir.glob("ui_speed_*.json"))
     if uis:
         parts += ["## The app", ""]
         for p in uis:
             parts.append(ui_markdown(json.loads(p.read_text())))
+    import study
+
+    studies = [d for d in study.load_docs(results_dir) if d.get("study") != "tiny"]
+    if studies:
+        parts += ["## Accuracy, like with like (each teacher in its own pixel domain)", "",
+                  studies[0]["note"], "", study_markdown(studies)]
+        notes = results_dir / f"study_{studies[0]['study']}.notes.md"  # a person's notes
+        if notes.is_file():
+            parts.append(notes.read_text().strip() + "\n")
     accs = sorted(results_dir.glob("accuracy_*.json"))
     if accs:
-        parts += ["## Accuracy of the distilled sets", ""]
+        parts += ["## Accuracy of the distilled sets" + (
+            ": an earlier run on the JPEG files only" if studies else ""), ""]
+        if studies:
+            parts += ["Kept for its ablations (tau, mask mode, label storage, EDF). Its ResNet-20 "
+                      "rows use the pretrained teacher outside its pixel domain (JPEG) and a "
+                      "ConvNet-BN student (cross-architecture); the like-with-like tables above "
+                      "supersede them.", ""]
         for p in accs:
             doc = json.loads(p.read_text())
             if doc["budget"] != "tiny":
