@@ -11,7 +11,7 @@ from nrrdd_core.errors import NrrddError
 from nrrdd_core.evaluate import EvalConfig
 from nrrdd_core.export import default_runs_root, save_run
 from nrrdd_core.methods import list_methods
-from studio import cache, jobs, runners, settings, widgets
+from studio import cache, diagnostics, jobs, runners, settings, widgets
 from studio import keys as K
 
 PX = 56
@@ -92,13 +92,23 @@ def render(j: jobs.Job | None) -> None:
         "diversity": r["diversity"], "time s": r["seconds"],
         "soft labels MB (300 ep)": r["label_bytes"]["soft"] / 1e6,
         "DBR labels MB (300 ep)": r["label_bytes"]["dbr"] / 1e6,
-        "student acc %": 100 * r["student_acc"]} for n, r in results.items()])
+        "student acc %": 100 * r["student_acc"], **diagnostics.table_columns(r)}
+        for n, r in results.items()])
     st.dataframe(table, hide_index=True, column_config={
-        k: st.column_config.NumberColumn(format="%.2f") for k in table.columns if k != "set"})
+        k: st.column_config.NumberColumn(format="%.2f") for k in table.columns
+        if k not in ("set", "warning")})
     st.caption("Teacher accuracy / confidence on the synthetic images; CAM area = share of "
                "pixels with CAM ≥ 0.5; diversity = mean pairwise distance of the teacher's "
                "pooled CAM-layer features within a class (across all the set's images at IPC 1; "
-               "empty for a single image); label storage by the METHODS.md §4.4 arithmetic.")
+               "empty for a single image); label storage by the METHODS.md §4.4 arithmetic. "
+               "Teacher / independent agrees = share of images whose top-1 class is their label, "
+               "for the teacher and for a second network trained on the same data (METHODS.md "
+               "§4.6): refinement that raises only the teacher's fools it; mean change = mean "
+               "|x - x̃₀| of NRR-DD's refinement.")
+    for n, r in results.items():
+        if (r.get("diagnostics") or {}).get("warning"):
+            st.warning(f"{LABELS.get(n, n)}: {r['diagnostics']['warning']}",
+                       icon=":material/warning:")
     fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
                            text=[f"{a:.1f}" for a in table["student acc %"]]))
     fig.update_layout(height=300, yaxis_title="student top-1 %",
