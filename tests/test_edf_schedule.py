@@ -8,27 +8,16 @@ import pytest
 import torch
 
 from nrrdd_core.data.base import DataConfig
-from nrrdd_core.experts import ExpertConfig, train_experts
 from nrrdd_core.methods import make_distiller
 from nrrdd_core.methods.edf import EDFConfig
 from nrrdd_core.models import build_model
 from nrrdd_core.models.teacher import Teacher
 
-from test_experts import TINY, tiny_bundle
+from test_edf import setup  # noqa: F401 (fixture: tiny dataset, 3-epoch buffer, BN teacher)
 
 # the expert buffer has 3 epochs: start epochs 0..1, matched 1 epoch ahead
 FAST = dict(iterations=4, syn_steps=1, batch_syn=3, expert_epochs=1, min_start_epoch=0,
             current_max_start_epoch=1, max_start_epoch=2, expansion_iterations=2, lr_img=10.0)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    bundle = tiny_bundle()
-    path = train_experts(ExpertConfig(**TINY), bundle, device="cpu")
-    torch.manual_seed(0)
-    teacher = Teacher(build_model("convnet_bn", 3, 16, depth=2, width=8), "convnet_bn",
-                      bundle.config, "features", {"depth": 2, "width": 8})
-    return bundle, teacher, str(path)
 
 
 def test_start_epoch_bound_rises_linearly_from_t_to_t_plus():
@@ -38,7 +27,7 @@ def test_start_epoch_bound_rises_linearly_from_t_to_t_plus():
     assert got == [4, 4, 4, 5, 7, 9, 10, 10]
 
 
-def test_distiller_draws_start_epochs_below_the_rising_bound(setup):
+def test_distiller_draws_start_epochs_below_the_rising_bound(setup):  # noqa: F811
     bundle, teacher, path = setup
     d = make_distiller("edf", {**FAST, "buffer": path}, teacher=teacher, dataset=bundle, ipc=1,
                        device="cpu", seed=0)
@@ -58,7 +47,7 @@ def _imagenet_like_teacher(num_classes: int = 1000, size: int = 24) -> Teacher:
 
 
 @pytest.mark.parametrize("target", ["distilled_class", "argmax_y"])
-def test_dae_with_the_imagenet_cam_model_maps_labels_to_imagenet_classes(setup, monkeypatch, target):
+def test_dae_with_the_imagenet_cam_model_maps_labels_to_imagenet_classes(setup, monkeypatch, target):  # noqa: F811
     bundle, teacher, path = setup
     imagenet = [207, 3, 951]                      # ImageNet-1k index of each original label
     bundle = dataclasses.replace(bundle, source={"imagenet_indices": imagenet})
@@ -82,7 +71,7 @@ def test_dae_with_the_imagenet_cam_model_maps_labels_to_imagenet_classes(setup, 
     assert d.views()["mask"].shape == (6, 1, 16, 16)          # back at the dataset's image size
 
 
-def test_imagenet_targets_follow_the_class_map(setup):
+def test_imagenet_targets_follow_the_class_map(setup):  # noqa: F811
     bundle, teacher, path = setup
     # a subset: new label 0 = original label 2, new label 1 = original label 0
     sub = dataclasses.replace(bundle, class_map=(2, 0, 1),

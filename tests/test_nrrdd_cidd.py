@@ -9,17 +9,7 @@ from nrrdd_core import cam as cam_mod
 from nrrdd_core.cam import ClassicCAM, cam_ratio, noncritical_mask
 from nrrdd_core.methods.common import cidd_candidates, cidd_rank
 
-from test_methods import SIZE, _bundle, _make, _teacher
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return _bundle()
-
-
-@pytest.fixture
-def teacher(bundle):
-    return _teacher(bundle)
+from test_methods import SIZE, _make, bundle, teacher  # noqa: F401 (fixtures)
 
 
 def _corner_cam(n: int) -> torch.Tensor:
@@ -43,7 +33,7 @@ def test_cidd_rank_orders_boxes_by_cam_ratio_highest_first():
     assert r.shape == o.shape == (0, 4)
 
 
-def test_distiller_keeps_the_highest_cam_ratio_boxes(teacher, bundle, monkeypatch):
+def test_distiller_keeps_the_highest_cam_ratio_boxes(teacher, bundle, monkeypatch):  # noqa: F811
     """CIDD scores only the top_t boxes of each real image by CAM ratio (not the lowest)."""
     monkeypatch.setattr(cam_mod.CAM, "attribute", lambda self, x, t: _corner_cam(len(x)))
     d = _make("nrrdd", teacher, bundle, num_crops=5, top_t=2, images_per_step=20)
@@ -72,7 +62,7 @@ def test_distiller_keeps_the_highest_cam_ratio_boxes(teacher, bundle, monkeypatc
     d.close()
 
 
-def test_explorer_candidates_use_the_same_ranking(teacher, bundle):
+def test_explorer_candidates_use_the_same_ranking(teacher, bundle):  # noqa: F811
     x01 = bundle.train.float01([0])[0]
     cam = _corner_cam(1)[0]
     c = cidd_candidates(teacher, x01, cam, label=0, m=6, top_t=2, seed=0)
@@ -81,7 +71,7 @@ def test_explorer_candidates_use_the_same_ranking(teacher, bundle):
 
 
 @pytest.mark.parametrize("k", [0, 2])
-def test_mask_recomputed_every_k_refinement_steps(teacher, bundle, k):
+def test_mask_recomputed_every_k_refinement_steps(teacher, bundle, k):  # noqa: F811
     """mask_recompute_every=k: before refinement step i (i > 0, i % k == 0) the mask becomes
     noncritical_mask(CAM(current images)); k=0 keeps the mask of x~0."""
     d = _make("nrrdd", teacher, bundle, iterations=5, lr=0.5, mask_recompute_every=k)
