@@ -681,20 +681,21 @@ def save_eval(path: str | os.PathLike, result: dict, *, dataset: dict | None = N
     ``<run>/evals/<time>_<student>_<label_mode>_s<seed>.json`` atomically.
 
     Args:
-        dataset: what the student was tested on, e.g. ``{"name", "args", "source"}`` (recorded
-            as ``result["dataset"]``).
-        test_classes: names of the test classes (recorded as ``result["test_classes"]``).
+        dataset: what the student was tested on, e.g. ``{"name", "entry", "args"}`` (recorded
+            as ``result["dataset"]``); default: the run's own dataset (its manifest).
+        test_classes: names of the test classes (recorded as ``result["test_classes"]``);
+            default: the run's classes.
 
     Raises:
         DataError: not a run folder.
     """
     path = run_folder(path)
-    read_manifest(path)
+    ds = read_manifest(path).get("dataset") or {}
     result = dict(result)
-    if dataset is not None:
-        result["dataset"] = dataset
-    if test_classes is not None:
-        result["test_classes"] = list(test_classes)
+    result["dataset"] = dataset if dataset is not None else \
+        {"name": ds.get("name"), "args": ds.get("args", {})}
+    result["test_classes"] = list(test_classes if test_classes is not None else
+                                  ds.get("class_names", []))
     cfg = result.get("config", {})
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.get('student', 'student')}_" \
            f"{cfg.get('label_mode', 'labels')}_s{cfg.get('seed', 0)}"

@@ -160,8 +160,10 @@ def test_evaluate_refuses_classes_the_run_lacks_and_records_what_it_tested(tmp_p
     assert run_test_classes(m, bundle, None) == bundle.resolve_classes(own)
     save_eval(path, {"final_acc": 0.5, "config": {}}, dataset={"name": "shapes"},
               test_classes=own)
-    ev = list_evals(path)[0]
+    save_eval(path, {"final_acc": 0.5, "config": {}})  # the app's call: the run's own set
+    ev, default = list_evals(path)
     assert ev["dataset"] == {"name": "shapes"} and ev["test_classes"] == own
+    assert default["dataset"]["name"] == "shapes" and default["test_classes"] == own
 
 
 def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
