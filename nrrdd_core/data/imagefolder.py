@@ -147,10 +147,12 @@ def _samples(folder: Path, class_to_idx: dict[str, int]) -> list[Sample]:
 def _check_cap(max_per_class) -> int | None:
     if max_per_class is None:
         return None
-    if isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1:
+    whole = isinstance(max_per_class, int) or (isinstance(max_per_class, float)
+                                               and max_per_class.is_integer())
+    if isinstance(max_per_class, bool) or not whole or max_per_class < 1:
         raise ConfigError(f"max_per_class must be a whole number >= 1 (or None for all images); "
                           f"got {max_per_class!r}")
-    return max_per_class
+    return int(max_per_class)
 
 
 def _split(samples: list[Sample], test_fraction: float, gen: torch.Generator):
