@@ -376,6 +376,18 @@ def _distill(args: argparse.Namespace, root: Path | None, name: str, dist) -> in
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .distributed import from_env
+
+    dist = from_env(args.device)  # under torchrun: the student trains with DDP, rank 0 writes
+    try:
+        if dist.world > 1:
+            args.device = str(dist.device)
+        return _evaluate(args, dist.writes)
+    finally:
+        dist.close()
+
+
+def _evaluate(args: argparse.Namespace, writes: bool) -> int:
     from .evaluate import EvalConfig, evaluate_student
     from .export import EVALS_DIR, check_output_dir, load_run, run_test_classes, save_eval
     from .models.ref import TeacherRef
@@ -393,10 +405,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bar = _Bar(f"student ({cfg.protocol})", cfg.num_epochs)
     try:
         res = evaluate_student(run.images01, run.labels, teacher, bundle, cfg, device=args.device,
-                               seed=args.seed, progress=bar, classes=classes, label_dir=run.path,
-                               extras=run.extras)
+                               seed=args.seed, progress=bar, classes=classes,
+                               label_dir=run.path if writes else None, extras=run.extras)
     finally:
         bar.close()
+    if not writes:
+        return 0
     out = save_eval(run.path, {**res.to_dict(), "teacher_ref": ref},
                     dataset={"name": bundle.config.name, "entry": entry, "args": kw},
                     test_classes=[bundle.config.class_names[c] for c in classes])

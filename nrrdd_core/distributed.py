@@ -23,6 +23,11 @@ What is sharded (:func:`DistContext.run`):
   distill --method edf`` without a buffer): expert ``i`` is trained by rank ``i mod world`` (each
   expert depends only on ``(seed, i)``, so the buffer equals the one-process buffer); rank 0 writes
   the manifest once all are there. The matching itself then runs on rank 0.
+- Student evaluation (``nrrdd evaluate`` under ``torchrun``, KD protocol): the student is wrapped
+  in ``DistributedDataParallel`` (:func:`data_parallel`); every rank draws the same batches (same
+  seed) and trains on its share of each (samples ``rank, rank + world, ...``), gradients are
+  averaged over the ranks; BN layers are synchronised on CUDA (``SyncBatchNorm``), per rank on the
+  CPU. Rank 0 writes the result.
 - Methods without a per-class phase (SRe2L, EDF's matching) run whole on rank 0; the other ranks
   exit at once.
 """
@@ -167,6 +172,39 @@ class DistContext:
 
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device):
+    """``(model to train, part)`` for a training loop: outside a process group ``(model, identity)``;
+    inside one, ``model`` wrapped in ``DistributedDataParallel`` (BN layers converted to
+    ``SyncBatchNorm`` on CUDA; ``model`` itself keeps the trained weights, for evaluation) and
+    ``part(batch)`` = this rank's samples ``rank::world`` of a
+    :class:`~nrrdd_core.labels.MixedBatch` (the whole batch when it has fewer samples than ranks).
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, lambda batch: batch
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log.info("student trained with DistributedDataParallel on %d ranks", world)
+    if device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = DistributedDataParallel(model, device_ids=[device.index or 0])
+    else:
+        wrapped = DistributedDataParallel(model)
+
+    def part(batch):
+        if len(batch.y) < world:
+            return batch
+        sl = slice(rank, None, world)
+        return dataclasses.replace(batch, x_mix01=batch.x_mix01[sl], y=batch.y[sl],
+                                   y_perm=batch.y_perm[sl],
+                                   values=None if batch.values is None else batch.values[sl])
+
+    return wrapped, part
 
 
 def from_env(device: str | torch.device = "auto") -> DistContext:

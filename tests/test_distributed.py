@@ -99,3 +99,27 @@ def test_torchrun_experts_one_per_rank_equal_one_process(tmp_path, monkeypatch):
         ta = torch.load(a, weights_only=True)["trajectory"]
         assert torch.equal(ta, torch.load(b, weights_only=True)["trajectory"]) and ta.shape[0] == 2
     assert len(list((tmp_path / "two").rglob("manifest.json"))) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_student_evaluation_with_ddp(tmp_path):
+    args = ["distill", "--method", "rded", *SHAPES, "--out", str(tmp_path), "--name", "run"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "-m", "nrrdd_core.cli", "-v", "evaluate", str(tmp_path / "run"), "--epochs",
+                        "2", "--student-width", "8", "--batch-size", "4", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "DistributedDataParallel" in p.stderr   # the student really trained with DDP
+    evals = list((tmp_path / "run" / "evals").glob("*.json"))
+    assert len(evals) == 1 and p.stdout.count("final_acc") == 1   # rank 0 writes
+    import json
+
+    res = json.loads(evals[0].read_text())
+    assert 0 <= res["final_acc"] <= 1 and res["config"]["epochs"] == 2

@@ -24,6 +24,7 @@ import torch
 from ..configs import ConfigBase, param
 from ..data.base import DatasetBundle, to_float01, to_uint8
 from ..device import make_generator, resolve_device
+from ..distributed import data_parallel
 from ..errors import ConfigError, DataError, NonFiniteLossError, StoppedError
 from ..io import config_key
 from ..labels import (DBR_VALUES, DEFAULT_TEMPERATURE, LABEL_MODES, MIX_MODES, AugSpec, LossSpec,
@@ -206,6 +207,7 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         student = build_model(cfg.student, teacher.num_classes, dc.image_size, **cfg.student_kwargs()).to(dev)
+    model, part = data_parallel(student, dev)  # under torchrun: DDP over the ranks, else as is
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: smoothing_lr(e, epochs))
@@ -225,7 +227,8 @@ def evaluate_kd(images01: torch.Tensor, labels: torch.Tensor, teacher: Teacher, 
             for batch in epoch_batches(x01, y, batch_size, gen, aug_spec, loss_spec, teacher, store, epoch):
                 if should_stop is not None and should_stop():
                     raise StoppedError(f"student training stopped in epoch {epoch + 1}/{epochs}")
-                logits = student(dc.normalize(batch.x_mix01))
+                batch = part(batch)
+                logits = model(dc.normalize(batch.x_mix01))
                 loss, terms = student_loss(logits, batch.values, batch.y, batch.y_perm, batch.lam, loss_spec)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"student loss is {float(loss.detach())} in epoch {epoch + 1}; "
