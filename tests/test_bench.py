@@ -69,3 +69,17 @@ def test_accuracy_tiny_writes_all_tables_and_resumes(bench, tmp_path, monkeypatc
     # the report renders the document
     text = bench("report").accuracy_markdown(doc)
     assert "| sre2l |" in text and "alpha" in text
+
+
+def test_edf_float_tiny_compares_the_float_tensor_with_the_png_images(bench, tmp_path):
+    out = tmp_path / "edf_float.json"
+    ef = bench("edf_float")
+    assert ef.main(["--tiny", "--seeds", "0", "--lr-img", "1000", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert 0 < row["fraction_outside_01"] <= 1 and row["max_outside_01"] > 0  # PNGs lose these
+    assert len(row["acc_float"]) == len(row["acc_png8"]) == 1
+    assert row["float_minus_png8"] == pytest.approx(row["acc_float"][0] - row["acc_png8"][0])
+    assert row["edf_config"]["dae_beta"] == 1.0 and "--tiny" in doc["command"]
+    md = ef.markdown(doc)
+    assert "| 1000 |" in md and f"{100 * row['fraction_outside_01']:.1f} %" in md
