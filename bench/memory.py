@@ -52,7 +52,9 @@ Peak memory of one outer EDF iteration (unroll with DSA, matching loss, backward
 a fresh process (`bench/memory.py`): the plain unroll keeps the graph of every student step, so its
 memory grows linearly with syn_steps; `unroll=recompute` (METHODS.md §5.7, after TESLA) recomputes
 each step in the backward pass and keeps only the parameter iterates (4 P bytes a step), with the
-same gradients. "Estimate" is what EDF uses to refuse a run that does not fit."""
+same gradients. "Estimate" is what EDF uses to refuse a run that does not fit. The recompute unroll
+does one more forward and backward per step; the seconds were measured on a shared machine under
+heavy load (load average in the line above each table) and are no fair time comparison."""
 
 
 def run_unit(spec: dict) -> dict:
@@ -105,7 +107,8 @@ STREAM_SECTION = """RDED at factor 2 from a generated ImageFolder (3 classes, 12
 fresh process: peak resident memory minus the size before loading the dataset. The in-memory
 entry decodes every image when loading, so its memory grows with the dataset; the streamed entry
 (`imagefolder_stream`, METHODS.md §7) decodes only the images RDED scores (`mipc` per class, plus
-the stitched ones), so its memory does not."""
+the stitched ones), so its memory does not. Not counted: the streamed entry's 2 DataLoader worker
+processes (forked; each holds at most one batch of 16 decoded images)."""
 
 
 def make_folder(root: Path, per_class: int, size: int = 128, classes: int = 3) -> Path:
@@ -169,6 +172,17 @@ def stream_markdown(doc: dict) -> str:
                       f"{m['torch_threads']} threads.", "", common.md_table(
                           ["entry", "train images", "decoded size (MiB)", "peak - before (MiB)",
                            "images decoded", "seconds"], rows), ""])
+
+
+def results_markdown(paths: list[Path]) -> str:
+    """The RESULTS.md section of the ``memory_*.json`` documents at ``paths``: EDF tables under
+    :data:`SECTION`, ImageFolder tables under :data:`STREAM_SECTION`."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    edf = [markdown(d) for d in docs if d.get("kind") != "stream"]
+    stream = [markdown(d) for d in docs if d.get("kind") == "stream"]
+    parts = ([SECTION, ""] + edf if edf else []) + \
+        (["## Memory against dataset size (ImageFolder)", "", STREAM_SECTION, ""] + stream if stream else [])
+    return "\n".join(parts)
 
 
 def markdown(doc: dict) -> str:
