@@ -107,10 +107,17 @@ def test_sce_hinge_and_dbr_loss_by_hand():
         spec = LossSpec(mode="dbr", dbr_radius=r, dbr_norm=norm, alpha_dbr=2.0)
         loss, terms = student_loss(logits, d_t, y, yp, lam, spec)
         sce = torch.relu(ce - r).mean()
-        diff = dbr_distances(logits, y, yp) - d_t
+        d_s = -torch.stack([logp[[0, 1], y], logp[[0, 1], yp]], 1)   # CE to y and to y_pi, by hand
+        diff = d_s - d_t
         dbr = (diff.abs() if norm == "l1" else diff ** 2).sum(1).mean()
         assert torch.allclose(loss, sce + 2.0 * dbr)
         assert terms["sce"] == pytest.approx(float(sce)) and terms["dbr"] == pytest.approx(float(dbr))
+    lg, a, b = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([0]), torch.tensor([1])
+    z = torch.log(torch.exp(lg).sum())                                  # [d_org, d_aug] by hand
+    torch.testing.assert_close(dbr_distances(lg, a, b), torch.stack([z - 1.0, z - 2.0])[None])
+    z2 = torch.log(torch.exp(lg / 2).sum())                             # tau_d divides the logits
+    torch.testing.assert_close(dbr_distances(lg, a, b, temperature=2.0),
+                               torch.stack([z2 - 0.5, z2 - 1.0])[None])
     # hinge: a sample whose mixed CE is below r contributes nothing
     assert float(ce[0]) < 0.4 < float(ce[1])
     assert student_loss(logits, d_t, y, yp, lam, LossSpec(mode="dbr", alpha_dbr=0.0))[0] == \
