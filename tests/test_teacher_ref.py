@@ -206,3 +206,22 @@ def test_cli_evaluates_a_run_saved_from_the_app(kind, tmp_path, monkeypatch, cap
     assert code == 0, err
     assert out.startswith("final_acc ")
     assert list_evals(run)[0]["teacher_ref"] == recorded
+
+
+def test_setup_page_choices_map_to_references():
+    """The Setup page's (radio, path box, architecture box) -> TeacherRef (studio.setup)."""
+    from studio.setup import teacher_ref as choice
+
+    assert choice("shipped", "ignored.pt", "resnet20_cifar") == TeacherRef("shipped")
+    assert choice("pretrained", "", "resnet50") == TeacherRef("pretrained", arch="resnet50")
+    assert choice("file", " /ckpt/t.pt ", "x") == TeacherRef("file", path="/ckpt/t.pt")
+    assert choice("file", "upload:abc", "x") == TeacherRef("upload", key="abc")
+    assert choice("train", "train:abc", "x") == TeacherRef("train", key="abc")
+    assert choice("resnet_cifar", "r.th", "resnet32_cifar") == \
+        TeacherRef("resnet_cifar", arch="resnet32_cifar", path="r.th")
+    for kind in ("file", "train", "resnet_cifar"):
+        assert choice(kind, "  ", "resnet20_cifar") is None  # nothing chosen yet
+    with pytest.raises(ConfigError):
+        choice("resnet_cifar", "r.th", "resnet18")  # an ImageNet arch left in the box
+    with pytest.raises(ConfigError):
+        choice("hub", "", "")
