@@ -26,7 +26,9 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -351,7 +353,7 @@ def _distill(args: argparse.Namespace, root: Path | None, name: str, dist) -> in
     steps = [r.seconds for r in d.history]
     progress = f"{d.step_index} of {d.total_steps} steps"
     status = {} if failure is None else {"complete": False, "stopped": (
-        f"interrupted (Ctrl-C) after {progress}" if isinstance(failure, KeyboardInterrupt)
+        f"interrupted (Ctrl-C or kill) after {progress}" if isinstance(failure, KeyboardInterrupt)
         else f"{' '.join(str(failure).split())} ({progress})")}
     manifest = build_manifest(
         method=args.method, config=d.config.to_dict(), teacher=teacher, bundle=bundle, classes=classes,
@@ -547,6 +549,19 @@ def cmd_ui(streamlit_flags: Sequence[str]) -> int:
     return importlib.import_module("studio.__main__").main(list(streamlit_flags))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """``kill`` (SIGTERM, what job schedulers and ``timeout`` send first) stops like Ctrl-C: the
+    partial run is saved. Returns the previous handler (None off the main thread, where nothing
+    is changed)."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _interrupt)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nrrdd`` command; returns the exit code (0 ok, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -562,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = _stop_on_sigterm()
     try:
         if getattr(args, "threads", 0):
             if args.threads < 0:
@@ -576,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
