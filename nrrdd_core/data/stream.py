@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from . import register_dataset
-from .base import DataConfig, DatasetBundle, to_float01
+from .base import DataConfig, DatasetBundle, ImageSplit, to_float01
 from .imagefolder import (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_SUBSETS, Sample, _check_size,
                           _classes, _samples, _split, load_rgb)
 from .npz import channel_stats
@@ -75,16 +75,8 @@ class StreamingSplit:
         self.size, self.workers = int(size), int(workers)
         self.decoded = 0
 
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def indices_of(self, c: int) -> torch.Tensor:
-        """Indices (``int64``) of the images of class ``c``, in stored order."""
-        return torch.nonzero(self.y == c, as_tuple=False).flatten()
-
-    def counts(self, num_classes: int) -> torch.Tensor:
-        """Images per class, ``(num_classes,)``."""
-        return torch.bincount(self.y, minlength=num_classes)
+    # the label-only methods of the in-memory split
+    __len__, indices_of, counts = ImageSplit.__len__, ImageSplit.indices_of, ImageSplit.counts
 
     def uint8(self, idx: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Images ``idx`` (all when None) decoded: ``uint8 (n,3,S,S)``, in ``idx`` order.
@@ -128,7 +120,7 @@ def _sample_stats(split: StreamingSplit, seed: int, n: int = 256) -> tuple[tuple
     pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     x = split.uint8(pick).permute(0, 2, 3, 1).numpy()
     split.decoded = 0  # the statistics sample is not a method's read
-    return channel_stats(x)
+    return channel_stats(x, chunk=16)  # small float64 chunks: the sample costs little memory
 
 
 def _check_workers(workers) -> int:
