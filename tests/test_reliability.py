@@ -636,3 +636,18 @@ def test_setup_page_refuses_hostile_checkpoints_with_an_error(tmp_path, monkeypa
         assert (name in errors) if kind == "file" else ("class order" in errors), (name, errors)
         assert "weights_only" not in errors  # torch's advice to load it unsafely is not repeated
     assert not marker.exists()
+
+
+def test_sigterm_stops_like_ctrl_c():
+    import signal
+
+    from nrrdd_core import cli
+
+    previous = cli._stop_on_sigterm()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
