@@ -4,10 +4,11 @@ import numpy as np
 import streamlit as st
 import torch
 
-from nrrdd_core.cam import CAM_METHODS, COLORMAPS, complexity_score, draw_boxes, noncritical_share, overlay
+from nrrdd_core.cam import (CAM_METHODS, COLORMAPS, complexity_score, draw_boxes, get_cam,
+                            noncritical_share, overlay)
 from nrrdd_core.methods import get_method
 from nrrdd_core.methods.common import cidd_candidates
-from studio import cache, settings, widgets
+from studio import cache, jobs, settings, widgets
 from studio import keys as K
 
 METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)",
@@ -18,25 +19,69 @@ METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)",
 FILTERS = {"all": "all images", "correct": "correctly classified", "incorrect": "misclassified"}
 PERSIST = {"persist_state": "session"}
 
+
+
+def colourbar(cmap: str) -> np.ndarray:
+    """A 12 x 256 px strip of the colour map from CAM 0 (left) to 1 (right)."""
+    ramp = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (12, 1))
+    return overlay(np.zeros((12, 256, 3), np.float32), ramp, 1.0, cmap)
+
+
 st.title("Grad-CAM explorer")
 ctx = widgets.require_context()
 teacher, bundle, names = ctx.teacher, ctx.bundle, ctx.bundle.config.class_names
+refine_job = jobs.get(st.session_state.get(K.REFINE_JOB))
+refine_running = refine_job is not None and refine_job.active
 st.write("Each image shows the teacher's CAM for its true class (left) and, for the threshold "
          "tau, the **critical** region that NRR-DD keeps frozen in its own colours and the "
          "**non-critical** rest that it refines, tinted blue (right).")
 
 # ---- controls -------------------------------------------------------------------------------
-layers = [n for n, m in teacher.model.named_children() if any(True for _ in m.parameters())]
-if teacher.cam_layer not in layers:
-    layers.append(teacher.cam_layer)
-c = st.columns([2, 1, 1, 1])
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def usable_layers(teacher_key: tuple, method: str, _teacher) -> list[str]:
+    """Layers of the teacher that ``method`` can use (``supported_layers`` of its CAM class:
+    classic CAM only the map the classifier sees, the gradient CAMs the spatial maps), the
+    top-level blocks first (the fine-grained ones when no block qualifies)."""
+    names = get_cam(method).supported_layers(_teacher)
+    top = [n for n in names if "." not in n]
+    return top or names
+
+
+URL_KEYS = (K.CAM_METHOD, K.CAM_LAYER, K.CAM_CMAP)  # in the URL: a link reopens the same view
+for key in URL_KEYS:
+    if key in st.query_params and st.session_state.get(K.CAM_URL_READ) is None:
+        st.session_state[key] = st.query_params[key]
+st.session_state[K.CAM_URL_READ] = True
+URL = PERSIST
+c = st.columns([2, 1, 1, 1, 1])
+if st.session_state.get(K.CAM_METHOD) not in CAM_METHODS:
+    st.session_state[K.CAM_METHOD] = CAM_METHODS[0]
 method = c[0].selectbox("CAM method", CAM_METHODS, key=K.CAM_METHOD,
-                        format_func=lambda m: METHOD_LABELS.get(m, m), **PERSIST)
+                        format_func=lambda m: METHOD_LABELS.get(m, m), **URL)
+layers = usable_layers(ctx.setup.teacher_key, method, teacher)
 if st.session_state.get(K.CAM_LAYER) not in layers:
-    st.session_state[K.CAM_LAYER] = teacher.cam_layer
-layer = c[1].selectbox("Layer", layers, key=K.CAM_LAYER, **PERSIST)
-cmap = c[2].selectbox("Colour map", list(COLORMAPS), key=K.CAM_CMAP, **PERSIST)
+    old = st.session_state.get(K.CAM_LAYER)
+    st.session_state[K.CAM_LAYER] = teacher.cam_layer if teacher.cam_layer in layers \
+        else layers[-1]
+    if old:
+        st.toast(f"Layer {old} does not work with {METHOD_LABELS.get(method, method)}: "
+                 f"showing {st.session_state[K.CAM_LAYER]}.")
+layer = c[1].selectbox("Layer", layers, key=K.CAM_LAYER, help="Only the layers this CAM method "
+                       "can use are offered.", **URL)
+if st.session_state.get(K.CAM_CMAP) not in COLORMAPS:
+    st.session_state[K.CAM_CMAP] = next(iter(COLORMAPS))
+cmap = c[2].selectbox("Colour map", list(COLORMAPS), key=K.CAM_CMAP, **URL)
+for key, value in zip(URL_KEYS, (method, layer, cmap)):
+    st.query_params[key] = value
 alpha = c[3].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key=K.CAM_ALPHA, **PERSIST)
+c[4].slider("Image size [px]", 64, 256, widgets.TILE_PX, 32, key=K.TILE_PX,
+            help="Side of one image on screen.", **PERSIST)
+tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
+st.image(colourbar(cmap), width=320, output_format="PNG",
+         caption="CAM colour scale: 0 (left, ignored) → 1 (right, most important for the class); "
+                 "each map is min-max normalised per image.")
 c = st.columns(3)
 per_class = c[0].slider("Images per class", 1, 12, 4, key=K.PER_CLASS, **PERSIST)
 topk = c[1].slider("Top-k predictions", 1, 5, 3, key=K.TOPK, **PERSIST)
@@ -64,9 +109,13 @@ if len(shown) == 0:
 idx = tuple(pool[shown].tolist())
 try:
     cams = cache.cam_maps(s.teacher_key, method, layer, idx, teacher, bundle)
-except Exception as exc:  # noqa: BLE001 - e.g. a layer the CAM method cannot use
-    st.error(f"{METHOD_LABELS.get(method, method)} failed on layer {layer}: {exc}")
-    st.stop()
+    st.session_state[K.CAM_LAST_GOOD] = (method, layer)
+except Exception as exc:  # noqa: BLE001 - the view stays: the last working method and layer
+    good = st.session_state.get(K.CAM_LAST_GOOD) or ("cam", teacher.cam_layer)
+    st.error(f"{METHOD_LABELS.get(method, method)} failed on layer {layer}: {exc}. Showing "
+             f"{METHOD_LABELS.get(good[0], good[0])} on layer {good[1]} instead.")
+    method, layer = good
+    cams = cache.cam_maps(s.teacher_key, method, layer, idx, teacher, bundle)
 x01 = bundle.train.float01(list(idx))
 images = [widgets.to_hwc(x) for x in x01]
 overlays = [overlay(x01[i], cams[i], alpha, cmap) for i in range(len(idx))]
@@ -81,7 +130,10 @@ def grid() -> None:
     """tau slider, metrics and the grid: a tau change re-thresholds the cached maps here only."""
     tau = st.slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
                     bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
-                    "NRR-DD); the rest is non-critical and refined (METHODS.md §4.3, paper default 0.5).")
+                    "NRR-DD); the rest is non-critical and refined (METHODS.md §4.3, paper default "
+                    "0.5). Refine live starts NRR-DD with the tau chosen here.")
+    if not refine_running:
+        st.session_state[K.knob("nrrdd", "tau")] = float(tau)  # carried over to Refine live
     noncrit = noncritical_share(cams, tau)
     m = st.columns(3)
     m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %", help="Share of pixels "
@@ -99,7 +151,7 @@ def grid() -> None:
                 f"{100 * noncrit[i]:.0f}% non-crit." for i in rows]
         with cols[1]:
             if tiles:
-                widgets.image_grid(tiles, caps, px=2 * widgets.TILE_PX)
+                widgets.image_grid(tiles, caps, px=2 * tile)
             else:
                 st.caption(f"no {FILTERS[which]} images")
 
@@ -119,7 +171,8 @@ score = complexity_score(torch.from_numpy(sample_cams)).numpy()
 df = pd.DataFrame({"complexity": score,
                    "class": [names[y] for y in bundle.train.y[sample].tolist()]})
 fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=20, opacity=0.6,
-                   range_x=[0, 1], height=320)
+                   range_x=[0, 1], height=320,
+                   color_discrete_sequence=px.colors.qualitative.Dark24)  # distinct per class
 means = df.groupby("class", sort=False)["complexity"].mean()
 fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), legend_title_text="class (mean)")
 fig.for_each_trace(lambda t: t.update(name=f"{t.name} ({means[t.name]:.2f})"))

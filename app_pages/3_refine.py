@@ -2,17 +2,17 @@
 
 import time
 
-import numpy as np
 import streamlit as st
 
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.export import default_runs_root, load_run, save_run
 from nrrdd_core.methods import get_method, list_methods
-from studio import jobs, reopen, runners, settings, widgets
+from studio import diagnostics, jobs, reopen, runners, settings, widgets
 from studio import keys as K
 
-PX = 64
-#: Seconds between two redraws of the loss chart during a run.
+#: Seconds between two polls of the live view (each re-sends the latest picture: cheap).
+POLL_INTERVAL = 0.3
+#: Seconds between two rebuilds of the loss chart's data during a run.
 CHART_INTERVAL = 2.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
@@ -33,20 +33,31 @@ if opened:
         mf = run.manifest
         values = reopen.knob_values(mf)
         if st.session_state.get(K.OPEN_RUN_APPLIED) != opened and values:
+            previous = jobs.get(st.session_state.get(K.REFINE_JOB))
+            if previous is None or not previous.active:  # its images and save box would
+                widgets.drop_job(K.REFINE_JOB)          # show under the reopened run
             st.session_state.update(values)
             st.session_state[K.OPEN_RUN_APPLIED] = opened
         with st.expander(f"Reopened run **{run.name}** ({mf.get('method')}, "
                          f"{len(run.labels)} images) — its settings are loaded below",
                          expanded=True):
-            widgets.class_rows(run.images01, run.labels, *reopen.run_classes(run), px=PX)
+            widgets.class_rows(run.images01, run.labels, *reopen.run_classes(run),
+                               px=st.session_state.get(K.TILE_PX, widgets.TILE_PX))
             if st.button("Close", key=K.CLOSE_RUN):
                 del st.session_state[K.OPEN_RUN]
                 st.rerun()
 
-# ---- the job of this session (also found again from the URL after a refresh) ---------------
-if not st.session_state.get(K.REFINE_JOB) and K.JOB_PARAM in st.query_params:
-    st.session_state[K.REFINE_JOB] = st.query_params[K.JOB_PARAM]
-job = jobs.get(st.session_state.get(K.REFINE_JOB))
+# ---- the job of this session (also found again from the URL after a reload, with its settings)
+
+
+def restore(params: dict) -> None:
+    """Put a job's settings back into the widgets (a reload or a new session on its URL)."""
+    st.session_state.update(reopen.knob_values(params))  # method and config, as for a run
+    if params.get("every"):
+        st.session_state[K.REFINE_EVERY] = int(params["every"])
+
+
+job = widgets.page_job("refine", K.REFINE_JOB, restore)
 running = job is not None and job.active
 
 # ---- method and knobs -----------------------------------------------------------------------
@@ -54,13 +65,16 @@ methods = [m for m in METHOD_LABELS if m in list_methods()] + \
     [m for m in list_methods() if m not in METHOD_LABELS]
 if st.session_state.get(K.METHOD) not in methods:
     st.session_state[K.METHOD] = "nrrdd" if "nrrdd" in methods else methods[0]
-c = st.columns([2, 1])
+c = st.columns([2, 1, 1])
 method = c[0].selectbox("Method", methods, key=K.METHOD, format_func=lambda m: METHOD_LABELS.get(
     m, m), disabled=running, persist_state="session")
 every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
-                    help="The page polls about 3 times a second; the images change at most "
-                         "that often.",
-                    persist_state="session")
+                    help="A new picture at most every k steps and about 3 times a second; "
+                         "drawing never takes more than about 5 % of the run's time.",
+                    disabled=running, persist_state="session")
+c[2].slider("Image size on screen [px]", 32, 256, widgets.TILE_PX, 32, key=K.TILE_PX,
+            help="Side of one image in the live view (shown an integer number of times "
+                 "larger than its own pixels, no smoothing).", persist_state="session")
 fields = get_method(method).Config.describe()
 with st.expander(f"Settings of {METHOD_LABELS.get(method, method)} — defaults from the papers",
                  expanded=job is None):
@@ -82,98 +96,105 @@ if b.button("Start refinement", key=K.REFINE_START, type="primary", disabled=run
             return runners.distill(j, method, cfg, ctx.teacher, ctx.bundle, ctx.classes,
                                    ctx.setup, every=every)
 
-        job = jobs.start("refine", work, {"method": method, "config": cfg})
-        st.session_state[K.REFINE_JOB] = job.id
-        st.query_params[K.JOB_PARAM] = job.id
+        job = jobs.start("refine", work, {"method": method, "config": cfg, "every": every})
+        widgets.keep_job(K.REFINE_JOB, job)
+        st.session_state.pop(K.OPEN_RUN, None)  # the new run replaces a reopened one
         st.rerun()
 paused = job is not None and job.status == "paused"
 b.button("Resume" if paused else "Pause", key=K.REFINE_PAUSE, disabled=not running,
-            on_click=job.toggle_pause if running else None, icon=":material/pause:")
+         on_click=job.toggle_pause if running else None,
+         icon=":material/play_arrow:" if paused else ":material/pause:")
 b.button("Stop run", key=K.REFINE_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
 
 
-def scaled(a: np.ndarray) -> np.ndarray:
-    return a / max(float(a.max()), 1e-8)
-
-
-def image_rows(j: jobs.Job, v: dict) -> list[tuple[str, bytes, int]]:
-    """The latest frame as one PNG per row kind (current, initial, mask, change; a
-    :func:`widgets.mosaic` each), with its display width; encoded once per frame (the fragment
-    polls more often than frames arrive; unchanged bytes keep their URLs, so nothing reloads)."""
-    key = (j.id, v["frames"])
-    cached = st.session_state.get(K.REFINE_ROWS)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    f = v["frame"]
-    rows = []
-    if "images" in f and len(f["images"]):
-        labels = f["labels"].tolist()
-        cols, where = widgets.mosaic_layout(labels, ctx.bundle.config.class_names)
-        rows.append((f"Current images ({where})", [widgets.to_hwc(x) for x in f["images"]]))
-        if "initial" in f:
-            rows.append(("Initial images x̃₀", [widgets.to_hwc(x) for x in f["initial"]]))
-        if "mask" in f:
-            mk = scaled(f["mask"][:, 0].numpy())
-            rows.append(("Mask: update weight (white = free, black = critical, frozen)",
-                         [widgets.to_hwc(x) for x in mk]))
-        if "change" in f:
-            ch = f["change"].numpy()
-            rows.append((f"Change since the start (brightest = {ch.max():.3f} in [0,1] pixels)",
-                         [widgets.heat(x) for x in scaled(ch)]))
-        rows = [(title, widgets.png(m := widgets.mosaic(imgs, cols)),
-                 m.shape[1] * max(1, round(PX / imgs[0].shape[1]))) for title, imgs in rows]
-    st.session_state[K.REFINE_ROWS] = (key, rows)
-    return rows
+def plan_caption(params: dict, total: int) -> str:
+    """What a step is: ``"124 steps = 24 selection + 100 refinement"``."""
+    phases = params.get("phases") or {}
+    if not phases:
+        return f"{total} steps of {params.get('method', '')}."
+    parts = " + ".join(f"{n} {name}" for name, n in phases.items())
+    return (f"{total} steps = {parts}. A selection step scores one batch of real images "
+            "(CIDD, METHODS.md §4.2); a refinement step is one optimiser update of every "
+            "synthetic image (METHODS.md §4.3).")
 
 
 def render(j: jobs.Job | None) -> None:
+    """One poll: re-sends what the worker made (PNG rows, numbers); the loss chart's data are
+    rebuilt only when new steps arrived, at most every :data:`CHART_INTERVAL` s."""
     if j is None:
         st.info("Press **Start refinement** to run the method; the images are redrawn while "
                 "it works.")
         return
-    v = j.view()
-    widgets.job_status(v)
-    f, hist = v["frame"], v["history"]
+    v = j.view(history=False)
+    tail = j.history_tail(20)
+    rate = runners.steps_per_second(tail) if tail else float("nan")
+    widgets.job_status(v, rate=rate)
+    st.caption(plan_caption(v["params"], v["total"]))
+    f = v["frame"]
     m = st.columns(4)
     m[0].metric("Phase", v["message"] or "–")
-    m[1].metric("Steps per second", f"{runners.steps_per_second(hist):.1f}" if hist else "–")
+    m[1].metric("Steps per second", f"{rate:.1f}" if tail else "–",
+                help="Mean over the last 20 steps (compute time of a step; pauses excluded).")
     m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
-                else "–", help="Mean teacher probability of each image's label.")
-    m[3].metric("Frames drawn", v["frames"])
-    for title, png, width in image_rows(j, v):
-        st.caption(title)
-        st.image(png, width=width, output_format="PNG")
-    fig = loss_figure(j, hist)
-    if fig is not None:
-        st.plotly_chart(fig, key=K.LOSS_CHART)
+                else "–", help="Mean teacher probability of each image's label, at the "
+                "last picture.")
+    m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, at most about "
+                "3 per second and only while this page is open.")
+    diagnostics.show(f.get("diagnostics"))
+    tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
+    for row in f.get("rows", []):
+        st.caption(row["title"])
+        st.image(row["png"], width=row["width"] * max(1, round(tile / row["tile"])),
+                 output_format="PNG")
+    data = loss_data(j, v["history_len"])
+    if data is not None:
+        st.vega_lite_chart(data[1], data[0], key=K.LOSS_CHART)
 
 
-def loss_figure(j: jobs.Job, hist: list[dict]):
-    """The loss terms of the current phase, rebuilt at most once per
-    :data:`CHART_INTERVAL` s while the job runs (a changed chart costs the browser a replot,
-    far more than the images; an unchanged one is sent again as is)."""
+def loss_data(j: jobs.Job, n: int):
+    """``(vega-lite spec, long table)`` of the loss terms of the current phase against the step
+    within the phase (0 = its first step, e.g. the first refinement step), on a log scale.
+    Rebuilt when new steps arrived, at most once per :data:`CHART_INTERVAL` s while the job
+    runs; else the cached one is sent again (a few kB of Arrow)."""
+    import pandas as pd
+
     cached = st.session_state.get(K.LOSS_FIG)
-    if cached is not None and cached[0] == j.id and (
-            time.monotonic() - cached[1] < CHART_INTERVAL and j.active):
-        return cached[2]
-    fig = None
+    if cached is not None and cached[0] == j.id and (cached[2] == n or (
+            time.monotonic() - cached[1] < CHART_INTERVAL and j.active)):
+        return cached[3]
+    hist = j.history_tail(n) if n else []
+    data = None
     if hist:
-        phase = [r for r in hist if r["phase"] == hist[-1]["phase"]]
-        phase = phase[::max(1, len(phase) // 400)]
-        fig = widgets.curves(phase, "step", [k for k in hist[-1] if k not in (
-            "step", "phase", "seconds")], title=f"Loss terms ({hist[-1]['phase']})", log_y=True)
-    st.session_state[K.LOSS_FIG] = (j.id, time.monotonic(), fig)
-    return fig
+        phase = hist[-1]["phase"]
+        rows = [r for r in hist if r["phase"] == phase]
+        rows = rows[::max(1, len(rows) // 400)] + ([rows[-1]] if len(rows) > 400 else [])
+        terms = [k for k in hist[-1] if k not in ("step", "phase", "phase_step", "seconds")]
+        table = pd.DataFrame([{"step": r.get("phase_step", r["step"]), "term": k, "value": r[k]}
+                              for r in rows for k in terms
+                              if isinstance(r.get(k), (int, float)) and r[k] > 0])
+        spec = {
+            "title": f"Loss terms of the {phase} phase (step 0 = its first step)",
+            "height": 280, "mark": {"type": "line", "interpolate": "linear"},
+            "encoding": {
+                "x": {"field": "step", "type": "quantitative", "title": f"{phase} step",
+                      "axis": {"format": "d", "tickMinStep": 1}},
+                "y": {"field": "value", "type": "quantitative", "title": "value (log scale)",
+                      "scale": {"type": "log"}, "axis": {"format": "~g"}},
+                "color": {"field": "term", "type": "nominal", "title": "term"}}}
+        data = (spec, table) if len(table) else None
+    st.session_state[K.LOSS_FIG] = (j.id, time.monotonic(), n, data)
+    return data
 
 
-widgets.live(job.id if job else None, render, interval=0.3)
+widgets.live(job.id if job else None, render, interval=POLL_INTERVAL)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:
     res = job.result
     st.subheader("Save this run")
-    default = f"{method}_{ctx.bundle.config.name}_ipc{ctx.setup.ipc}_{time.strftime('%m%d-%H%M%S')}"
+    default = (f"{job.params.get('method', method)}_{ctx.bundle.config.name}_ipc{ctx.setup.ipc}_"
+               f"{time.strftime('%m%d-%H%M%S', time.localtime(job.started))}")
     c = st.columns([3, 1], vertical_alignment="bottom")
     name = c[0].text_input("Run name", value=default, key=K.RUN_NAME)
     if c[1].button("Save run", key=K.SAVE_RUN, icon=":material/save:"):

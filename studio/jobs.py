@@ -43,7 +43,10 @@ class Job:
         frame: latest snapshot for display (numpy arrays, floats), replaced as a whole.
         frames: number of snapshots taken so far.
         result: what the worker returned (images, metrics...).
-        params: the settings the job was started with (for saving / display).
+        params: the settings the job was started with; a page reopened on this job (a reload,
+            a page switch) puts them back into its widgets.
+        watched: ``time.monotonic()`` of the last time a page polled this job; the worker makes
+            display frames only while someone watches (:meth:`watched_recently`).
     """
 
     id: str
@@ -60,6 +63,9 @@ class Job:
     result: Any = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    paused_s: float = 0.0              # seconds spent paused (finished pauses)
+    paused_at: float | None = None     # time.time() when the current pause began
+    watched: float = 0.0
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -71,18 +77,39 @@ class Job:
 
     @property
     def elapsed(self) -> float:
-        return (self.finished or time.time()) - self.started
+        """Seconds the job has been working: wall time since the start, pauses left out."""
+        end = self.finished or time.time()
+        pausing = end - self.paused_at if self.paused_at is not None else 0.0
+        return max(0.0, end - self.started - self.paused_s - pausing)
 
-    def view(self) -> dict:
-        """A consistent copy of the fields a page draws (taken under the lock)."""
+    def view(self, history: bool = True) -> dict:
+        """A consistent copy of the fields a page draws (taken under the lock). Polling pages
+        that only need the latest records pass ``history=False`` and read ``history_len`` (the
+        history is copied only when it is used). Marks the job as watched."""
         with self.lock:
+            self.watched = time.monotonic()
             return {"status": self.status, "step": self.step, "total": self.total,
-                    "message": self.message, "error": self.error, "history": list(self.history),
+                    "message": self.message, "error": self.error,
+                    "history": list(self.history) if history else [],
+                    "history_len": len(self.history), "last": self.history[-1:],
                     "frame": dict(self.frame), "frames": self.frames, "result": self.result,
                     "elapsed": self.elapsed, "params": self.params}
 
+    def history_tail(self, n: int) -> list:
+        """The last ``n`` history records (a copy)."""
+        with self.lock:
+            return self.history[-n:]
+
+    def watched_recently(self, within: float = 2.0) -> bool:
+        """True when a page polled this job in the last ``within`` seconds."""
+        return time.monotonic() - self.watched <= within
+
     # ---- controls (buttons) -----------------------------------------------------------------
     def request_stop(self) -> None:
+        with self.lock:
+            if self.paused_at is not None:
+                self.paused_s += time.time() - self.paused_at
+                self.paused_at = None
         self.stop_event.set()
         self.pause_event.clear()
 
@@ -91,9 +118,13 @@ class Job:
             if self.status == "running":
                 self.pause_event.set()
                 self.status = "paused"
+                self.paused_at = time.time()
             elif self.status == "paused":
                 self.pause_event.clear()
                 self.status = "running"
+                if self.paused_at is not None:
+                    self.paused_s += time.time() - self.paused_at
+                self.paused_at = None
 
     # ---- written by the worker --------------------------------------------------------------
     def should_stop(self) -> bool:

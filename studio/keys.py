@@ -29,11 +29,12 @@ SETUP_KEYS = (DATASET, DS_ROOT, DS_TRAIN_FILE, DS_TEST_FILE, DS_CLASSES_FILE, DS
 
 # ---- app bookkeeping -------------------------------------------------------------------------
 URL_LOADED = "_url_loaded"     # the setup was read from the URL once in this session
-JOB_PARAM = "job"              # URL parameter: id of the job shown by the Refine page
+JOB_PARAM = "job"              # URL parameter: id of the job shown by a job page (Refine,
+#                                Compare, Evaluate); a reload reattaches to it
 TEACHER_JOB = "teacher_job"    # id of this session's teacher-training job
 REFINE_JOB = "refine_job"      # id of this session's refinement job
-REFINE_ROWS = "refine_rows"    # (job id, frame count) and that frame's image rows as PNG
-LOSS_FIG = "loss_fig"           # (job id, time built, plotly figure) of the live loss chart
+LOSS_FIG = "loss_fig"           # (job id, time built, records, data) of the live loss chart
+TILE_PX = "tile_px"            # side of one image on screen in the live view and grids [px]
 COMPARE_JOB = "compare_job"    # id of this session's Compare job
 EVAL_JOB = "eval_job"          # id of this session's evaluation job
 OPEN_RUN = "open_run"          # path of a saved run to show in Refine (set by the Runs page)
@@ -61,6 +62,8 @@ CIDD_CANDIDATES = "cidd_m"     # candidate crops per image
 CIDD_TOP_T = "cidd_t"          # candidates kept by CAM ratio
 COMPLEXITY_CHART = "complexity_hist"
 SCORECAM_OK = "scorecam_ok"    # explicit go-ahead for the slow ScoreCAM
+CAM_LAST_GOOD = "cam_last_good"  # (method, layer) of the last CAM that worked (shown on error)
+CAM_URL_READ = "_cam_url_read"  # the explorer read its method, layer and colour map from the URL
 
 # ---- Refine live -----------------------------------------------------------------------------
 METHOD = "method"
@@ -92,6 +95,11 @@ EVAL_CHART = "eval_curves"
 def knob(method: str, field: str) -> str:
     """Widget key of a method config knob (``knob.nrrdd.tau``)."""
     return f"knob.{method}.{field}"
+
+
+def applied(kind: str) -> str:
+    """Session key: id of the ``kind`` job whose settings were put into the page's widgets."""
+    return f"_applied.{kind}"
 
 
 def run_key(action: str, run_name: str) -> str:

@@ -14,14 +14,21 @@ from nrrdd_core.export import build_manifest
 from nrrdd_core.methods import make_distiller
 from nrrdd_core.models.teacher import Teacher
 
+from . import diagnostics
+from .frames import image_rows
 from .jobs import Job
 from .setup import Setup
 
-#: Minimum seconds between two snapshots of a live run (the page polls every 0.3 s).
-MIN_FRAME_INTERVAL = 0.1
-#: Minimum seconds between two measurements of the teacher's confidence on the live images (a
-#: teacher forward pass costs about as much as a refinement step on a busy CPU).
-CONFIDENCE_INTERVAL = 1.0
+#: Minimum seconds between two display frames of a live run (the page polls every 0.3 s).
+FRAME_INTERVAL = 0.35
+#: A frame may cost at most this share of the worker's time: after a frame that took ``c`` s the
+#: next one waits at least ``c / FRAME_BUDGET`` s (so drawing never takes more than about 5 % of
+#: the run, however large the set or slow the machine).
+FRAME_BUDGET = 0.05
+#: While nobody watches (no page polled the job for :data:`WATCH_TIMEOUT` s) a frame is still
+#: made every :data:`UNWATCHED_INTERVAL` s, so a page that reattaches finds a recent one.
+WATCH_TIMEOUT = 2.0
+UNWATCHED_INTERVAL = 5.0
 
 
 def teacher_ref(s: Setup) -> str:
@@ -31,53 +38,84 @@ def teacher_ref(s: Setup) -> str:
     return str(s.teacher_ref.resolved())
 
 
-def snapshot(d, teacher: Teacher, previous: dict | None = None) -> dict:
-    """What the Refine page draws: current images, views, and the teacher's confidence and
-    accuracy on the labels (measured now, or copied from ``previous`` when given)."""
+def snapshot(d, teacher: Teacher, class_names: list[str]) -> dict:
+    """A display frame of a live run, made in the worker: the step, the labels, the teacher's
+    confidence and accuracy on the labels of the current images, and the image rows encoded
+    as PNG (:func:`studio.frames.image_rows`)."""
     x, y = d.images()
-    frame = {"images": x, "labels": y, "step": d.step_index, **d.views()}
-    if previous is not None:
-        frame.update({k: previous[k] for k in ("confidence", "accuracy") if k in previous})
-    elif len(x):
+    frame = {"labels": y, "step": d.step_index, "steps_done": d.step_index}
+    if len(x):
         probs = teacher.predict01(x)
         frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
         frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
+    frame["rows"] = image_rows({"images": x, "labels": y, **d.views()}, class_names)
+    frame["diagnostics"] = diagnostics.frame_diagnostics(d, class_names)
     return frame
+
+
+def phase_plan(d) -> dict:
+    """Steps of each phase of a distiller, when it says (``{"selection": 24, "refinement":
+    100}`` for NRR-DD); empty otherwise."""
+    select = getattr(d, "select_steps", None)
+    if not isinstance(select, int):
+        return {}
+    return {"selection": select, "refinement": d.total_steps - select}
 
 
 def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
-    """Run one method step by step. With ``frames`` (the Refine page) it records every step and
-    a snapshot every ``every`` steps, at most every :data:`MIN_FRAME_INTERVAL` s (the teacher's
-    confidence at most every :data:`CONFIDENCE_INTERVAL` s); without (Compare) it only updates
-    the job's message. Stops between steps on request and returns what it has:
-    ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest`` (export manifest),
-    ``extras`` (``Distiller.export_extras()``, for ``save_run(..., extras=)``)."""
+    """Run one method step by step. With ``frames`` (the Refine page) it records every step
+    (with ``phase_step``, the step within its phase, from 0) and makes a display frame
+    (:func:`snapshot`) every ``every`` steps, at most every :data:`FRAME_INTERVAL` s and within
+    the :data:`FRAME_BUDGET` share of its time, only while a page watches (else every
+    :data:`UNWATCHED_INTERVAL` s) and only when a step was done since the last one; without
+    (Compare) it only updates the job's message. Stops between steps on request and returns
+    what it has: ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest``
+    (export manifest), ``extras`` (``Distiller.export_extras()``, for ``save_run(...,
+    extras=)``)."""
     t = copy.deepcopy(teacher)
+    names = list(bundle.config.class_names)
     t0 = time.perf_counter()
     with make_distiller(method, config, teacher=t, dataset=bundle, classes=classes, ipc=s.ipc,
                         device=s.device, seed=s.seed) as d:
+        if hasattr(d, "independent"):  # NRR-DD's diagnostics (METHODS.md §4.6)
+            job.progress(message="independent model for the diagnostics (trained once)")
+            d.independent = diagnostics.independent_for(bundle, s.device)
         if frames:
-            job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t))
-        last = measured = time.perf_counter()
-        since = 0
-        while not d.done and not job.should_stop():
+            job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t, names))
+            with job.lock:
+                job.params["phases"] = phase_plan(d)
+        last, wait, since = time.perf_counter(), FRAME_INTERVAL, 0
+        phase, phase_start = None, 0
+        while not d.done:
+            if frames and since and job.pause_event.is_set():
+                job.progress(frame=snapshot(d, t, names))  # the paused state is on screen
+                last, since = time.perf_counter(), 0
+            if job.should_stop():
+                break
             rec = d.step()
             since += 1
+            if rec.phase != phase:
+                phase, phase_start = rec.phase, rec.step
             if frames:
                 job.progress(step=d.step_index, message=rec.phase, record={
-                    "step": rec.step + 1, "phase": rec.phase, "seconds": rec.seconds, **rec.losses})
+                    "step": rec.step + 1, "phase": rec.phase, "phase_step": rec.step - phase_start,
+                    "seconds": rec.seconds, **rec.losses})
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.perf_counter()
-            if frames and (d.done or (since >= every and now - last >= MIN_FRAME_INTERVAL)):
-                measure = d.done or now - measured >= CONFIDENCE_INTERVAL
-                job.progress(frame=snapshot(d, t, None if measure else job.frame))
-                last, since = now, 0
-                measured = now if measure else measured
+            due = now - last >= (wait if job.watched_recently(WATCH_TIMEOUT)
+                                 else max(wait, UNWATCHED_INTERVAL))
+            if frames and (d.done or (since >= every and due)):
+                job.progress(frame=snapshot(d, t, names))
+                cost = time.perf_counter() - now
+                last, since = time.perf_counter(), 0
+                wait = max(FRAME_INTERVAL, cost / FRAME_BUDGET)
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0
+        diag = diagnostics.set_diagnostics(t, x, y, d.independent, d.views()["initial"]) \
+            if hasattr(d, "independent") else None
         manifest = build_manifest(
             method=method, config=d.config.to_dict(), teacher=t, bundle=bundle,
             classes=d.classes, ipc=s.ipc, seed=s.seed, teacher_ref=teacher_ref(s),
@@ -85,7 +123,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             timings={"seconds": seconds, "seconds_per_step": seconds / max(1, d.step_index)},
             device=str(d.device), complete=d.done)
     return {"images": x, "labels": y, "config": d.config.to_dict(), "seconds": seconds,
-            "steps": d.step_index, "manifest": manifest, "extras": extras}
+            "steps": d.step_index, "manifest": manifest, "extras": extras, "diagnostics": diag}
 
 
 def steps_per_second(history: list[dict], window: int = 20) -> float:
@@ -127,7 +165,7 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
         if r["steps"] == 0 or job.stop_event.is_set():
             return None
         return DistilledSet(r["images"], r["labels"], r["seconds"], r["steps"], r["extras"],
-                            {"manifest": r["manifest"]})
+                            {"manifest": r["manifest"], "diagnostics": r.get("diagnostics")})
 
     def cached(name: str) -> SetResult | None:
         row = None if recompute else store.get(key(name))
@@ -139,11 +177,15 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
             results[r.name] = {**r.distilled.info["row"], "reused": True}
         else:
             x, y, ev = r.distilled.images01, r.distilled.labels, r.evals[ecfg.protocol]
+            diag = r.distilled.info.get("diagnostics")
+            if diag is None:  # agreement of the teacher and the independent model with the labels
+                diag = diagnostics.set_diagnostics(t, x, y, diagnostics.independent_for(bundle, s.device))
             results[r.name] = store[key(r.name)] = {
                 "images": x, "labels": y, "seconds": r.distilled.seconds,
                 "manifest": r.distilled.info.get("manifest"), "extras": r.distilled.extras,
                 **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
-                "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes)}
+                "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes),
+                "diagnostics": diag}
         job.progress(step=len(results), frame={"results": dict(results)})
 
     def stage(name: str, what: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -18,9 +17,10 @@ from nrrdd_core.errors import NrrddError
 from . import jobs
 from . import keys as K
 from .cache import Context, context
+from .frames import heat, mosaic, mosaic_layout, png, to_hwc  # noqa: F401 - re-exported
 
 #: Display side of one image in grids, in pixels (small images are upscaled, nearest-neighbour).
-TILE_PX = 96
+TILE_PX = 128
 
 #: Page CSS (``st.html``, added by ``app.py`` on every run): images are sent at their own size
 #: and the browser upscales them nearest-neighbour, so a 32 px image stays sharp and cheap.
@@ -50,36 +50,8 @@ def setup_caption(ctx: Context) -> None:
                f"device {ctx.device.type}")
 
 
-def to_hwc(x01) -> np.ndarray:
-    """Image ``(3,H,W)`` / ``(H,W,3)`` float [0,1] or uint8 -> uint8 ``(H,W,3)``."""
-    a = x01.detach().cpu().numpy() if isinstance(x01, torch.Tensor) else np.asarray(x01)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    return a
-
-
-def png(img: np.ndarray) -> bytes:
-    """A uint8 ``(H,W,3)`` image as PNG bytes (for grids redrawn often with the same images)."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def _width(img: np.ndarray | bytes) -> int:
     return img.shape[1] if isinstance(img, np.ndarray) else Image.open(io.BytesIO(img)).size[0]
-
-
-def heat(values: np.ndarray) -> np.ndarray:
-    """A ``(H,W)`` array in [0,1] as a uint8 ``(H,W,3)`` grey-to-orange heat image."""
-    v = np.clip(values, 0, 1)[..., None]
-    lo, hi = np.array([20, 20, 35], float), np.array([255, 170, 40], float)
-    return (lo + (hi - lo) * v).astype(np.uint8)
 
 
 def critical_view(img: np.ndarray, cam: np.ndarray, tau: float) -> np.ndarray:
@@ -102,39 +74,6 @@ def image_grid(images: list[np.ndarray | bytes], captions: list[str] | None = No
         return
     w = max(_width(im) for im in images)
     st.image(images, caption=captions, width=max(1, round(px / w)) * w, output_format="PNG")
-
-
-def mosaic(images: list[np.ndarray], cols: int, gap: int = 2, fill: int = 255) -> np.ndarray:
-    """Tile uint8 ``(H,W,3)`` images of one size row-major, ``cols`` per row, ``gap`` pixels of
-    ``fill`` between them: one ``(rows*(H+gap)-gap, cols*(W+gap)-gap, 3)`` uint8 image. A live
-    view sends one picture per row kind instead of one per image (fewer files to fetch and lay
-    out per frame)."""
-    if not images:
-        raise ValueError("mosaic needs at least one image")
-    h, w, ch = images[0].shape
-    cols = max(1, min(cols, len(images)))
-    rows = -(-len(images) // cols)
-    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, ch), fill, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = im
-    return out
-
-
-def mosaic_layout(labels: list[int], class_names: list[str], max_cols: int = 10) -> tuple[int, str]:
-    """Columns of a :func:`mosaic` of images grouped by class (``labels`` in class order) and a
-    caption naming where each class is: one row per class when a class has several images,
-    else the classes left to right (wrapping every ``max_cols``)."""
-    counts = Counter(labels)  # in first-seen (class) order
-    per = max(counts.values(), default=1)
-    names = ", ".join(class_names[c] for c in counts)
-    if per > 1 and all(n == per for n in counts.values()):
-        return per, f"one row per class, top to bottom: {names}"
-    cols = min(len(labels), max_cols)
-    if per > 1:
-        return cols, f"grouped by class, in this order: {names}"
-    where = "left to right" + (", then the next row" if len(labels) > cols else "")
-    return cols, f"classes {where}: {names}"
 
 
 def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
@@ -195,10 +134,51 @@ def config_knobs(method: str, fields: list[dict], overrides: dict | None = None,
     return values
 
 
+def page_job(kind: str, state_key: str,
+             restore: Callable[[dict], None] | None = None) -> jobs.Job | None:
+    """The job a job page shows: this session's (``session_state[state_key]``), else the one
+    named in the URL (``?job=``, so a reload or a copied link reattaches) when it is of this
+    ``kind``. Keeps its id in the URL. The first time a session shows a job, ``restore(params)``
+    puts the job's settings back into the page's widget keys (call this before the widgets)."""
+    job = jobs.get(st.session_state.get(state_key))
+    if job is None or job.kind != kind:
+        job = jobs.get(st.query_params.get(K.JOB_PARAM))
+        if job is not None and job.kind != kind:
+            job = None
+    if job is None:
+        st.session_state.pop(state_key, None)
+        if K.JOB_PARAM in st.query_params:
+            del st.query_params[K.JOB_PARAM]
+        return None
+    st.session_state[state_key] = job.id
+    st.query_params[K.JOB_PARAM] = job.id
+    if restore is not None and st.session_state.get(K.applied(kind)) != job.id:
+        restore(job.params)
+    st.session_state[K.applied(kind)] = job.id
+    return job
+
+
+def keep_job(state_key: str, job: jobs.Job) -> None:
+    """Remember a job just started by this page (session and URL; its settings are the
+    widgets' own, nothing to restore)."""
+    st.session_state[state_key] = job.id
+    st.session_state[K.applied(job.kind)] = job.id
+    st.query_params[K.JOB_PARAM] = job.id
+
+
+def drop_job(state_key: str) -> None:
+    """Stop showing this page's job (it keeps running if it runs)."""
+    st.session_state.pop(state_key, None)
+    if K.JOB_PARAM in st.query_params:
+        del st.query_params[K.JOB_PARAM]
+
+
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
          interval: float = 0.3) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
-    active, then triggers one full rerun when it ends (so the rest of the page catches up)."""
+    active, then triggers one full rerun when it ends (so the rest of the page catches up).
+    ``render`` must be cheap when nothing changed: it re-sends what the worker made (encoded
+    images, numbers) and rebuilds anything costly only when the job's version changed."""
     job = jobs.get(job_id)
     was_active = job is not None and job.active
 
@@ -212,12 +192,29 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     _poll()
 
 
-def job_status(view: dict, unit: str = "steps") -> None:
-    """Progress bar and status line of a job view (from :meth:`Job.view`)."""
+def duration(seconds: float) -> str:
+    """``75.2`` -> ``"1 min 15 s"``; under a minute ``"42.0 s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s_ = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m} min {s_:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def job_status(view: dict, unit: str = "steps", rate: float | None = None) -> None:
+    """Progress bar and status line of a job view (from :meth:`Job.view`): status, progress in
+    ``unit``, working time (pauses left out) and, with ``rate`` (``unit`` per second), the
+    estimated time left at that rate."""
     total = max(1, view["total"])
+    eta = ""
+    if rate and math.isfinite(rate) and rate > 0 and view["status"] in ("running", "paused") \
+            and view["total"]:
+        eta = f" · about {duration(max(0, view['total'] - view['step']) / rate)} left"
     st.progress(min(1.0, view["step"] / total),
                 text=f"{view['status']} · {view['step']}/{view['total']} {unit} · "
-                     f"{view['elapsed']:.1f} s"
+                     f"{duration(view['elapsed'])}{eta}"
                      + (f" · {view['message']}" if view["message"] else ""))
     if view["status"] == "error":
         st.error(f"The run failed: {view['error']}")

@@ -136,6 +136,42 @@ def test_explorer_sliders_change_what_is_shown(teacher_path):
     assert len(at.get("plotly_chart")) == 1  # complexity histogram
 
 
+def test_explorer_offers_only_layers_that_work_and_keeps_the_view_on_error(teacher_path,
+                                                                          monkeypatch):
+    from nrrdd_core.cam import get_cam
+    from nrrdd_core.models import Teacher
+    at = app(teacher_path, "2_explorer", classes="circle")
+    t = Teacher.load(teacher_path)
+    for method in ("cam", "gradcam"):
+        at.selectbox(key="cam_method").set_value(method).run()
+        offered = at.selectbox(key="cam_layer").options
+        supported = get_cam(method).supported_layers(t)
+        assert offered and all(layer in supported for layer in offered), (method, offered)
+    assert at.query_params["cam_method"] == "gradcam"
+    assert not any("classifier" in o or "linear" in o for o in offered)  # no Grad-CAM on logits
+    early = at.selectbox(key="cam_layer").options[0]
+    at.selectbox(key="cam_layer").set_value(early).run()
+    at.selectbox(key="cam_method").set_value("cam").run()  # classic CAM: the last map only
+    assert at.selectbox(key="cam_layer").value in get_cam("cam").supported_layers(t)
+    at.selectbox(key="cam_cmap").set_value("viridis").run()
+    assert at.query_params["cam_cmap"] == "viridis"  # method, layer, colour map in the URL
+    # a CAM failure keeps the grid, with the last working method and layer
+    from studio import cache
+    real = cache.cam_maps
+
+    def failing(key, method, *a, **k):
+        if method == "xgradcam":
+            raise RuntimeError("boom")
+        return real(key, method, *a, **k)
+
+    monkeypatch.setattr(cache, "cam_maps", failing)
+    at.selectbox(key="cam_method").set_value("xgradcam").run()
+    assert any("boom" in e.value and "instead" in e.value for e in at.error)
+    assert metric(at, "Images") == "4" and len(at.image) >= 4
+    at.slider(key="tau").set_value(0.7).run()  # tau is carried over to Refine live
+    assert at.session_state["knob.nrrdd.tau"] == 0.7
+
+
 # ---- Refine ---------------------------------------------------------------------------------
 def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     at = app(teacher_path, "3_refine", classes=["circle", "square"])
@@ -143,8 +179,19 @@ def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     poll(at, lambda a: progress_text(a).startswith(("done", "error")))
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
     assert any("Current images" in c.value for c in at.caption)
-    assert len(at.image) == 4  # one mosaic each: current, initial, mask, change since the start
-    assert len(at.get("plotly_chart")) == 1  # the loss terms
+    # one picture a frame: current, initial, mask over the images, mask, change, top to bottom
+    assert len(at.image) == 1
+    assert all(k in at.caption[[c.value.startswith("Current images") for c in
+                                at.caption].index(True)].value
+               for k in ("initial images", "mask over", "change since the start"))
+    chart = at.get("vega_lite_chart")
+    assert len(chart) == 1  # the loss terms, against the step within the phase, from 0
+    import json
+    spec = json.loads(chart[0].proto.spec)
+    assert spec["encoding"]["x"]["axis"]["format"] == "d"  # integer steps
+    assert spec["encoding"]["y"]["scale"]["type"] == "log"
+    assert "step 0" in spec["title"]
+    assert any(" steps = " in c.value and "selection + " in c.value for c in at.caption)
     at.button(key="save_run").click().run()
     assert at.success, [e.value for e in at.error]
     assert len(list((tmp_path / "runs").iterdir())) == 1
