@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..cam import dae_weight, get_cam
+from ..cam import CAM_METHODS, dae_weight, get_cam
 from ..configs import ConfigBase, param
 from ..dsa import DSA_STRATEGIES, check_strategies, dsa
 from ..errors import ConfigError, ResourceError, TeacherMismatchError
@@ -113,8 +113,7 @@ class EDFConfig(ConfigBase):
                             choices=("argmax_y", "distilled_class"),
                             source="code (EDF distill/edf_distill.py) / ours (distilled_class)")
     cam_method: str = param("gradcam_torch", "CAM family for DAE (the code uses Smooth Grad-CAM++)",
-                            choices=("gradcam_torch", "gradcam++", "cam", "xgradcam", "layercam",
-                                     "eigencam", "scorecam", "gradcam"),
+                            choices=CAM_METHODS,
                             source="code (EDF distill/edf_distill.py)")
     cam_model: str = param("teacher", "CAM model: the dataset's teacher, or an ImageNet ResNet-18 "
                            "(ImageNet subsets; class index mapped to ImageNet)",
