@@ -80,12 +80,16 @@ def check_name(name: str, what: str = "run name") -> str:
 
     Raises:
         ConfigError: empty, ``.`` / ``..``, starting with ``.`` (hidden / temporary), holding a
-            path separator or a NUL, or longer than :data:`MAX_NAME_BYTES` bytes in UTF-8.
+            path separator or a control character, or longer than :data:`MAX_NAME_BYTES` bytes
+            in UTF-8.
     """
     if not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".") \
             or "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name) \
             or "\0" in name:
         raise ConfigError(f"invalid {what} {name!r}: use a plain name without '/', '\\' or a leading '.'")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ConfigError(f"invalid {what} {name!r}: control characters (new lines, tabs...) "
+                          "are not allowed")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError as exc:

@@ -248,7 +248,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
     a_file.write_text("x")
     for root, name in ((a_file, "r"), (a_file / "below", "r"), (Path("/proc/nrrdd_runs"), "r"),
                        (tmp_path / "ok", "n" * 240), (tmp_path / "ok", "é" * 120),
-                       (tmp_path / "ok", "../escape"), (tmp_path / "ok", ".hidden")):
+                       (tmp_path / "ok", "../escape"), (tmp_path / "ok", ".hidden"),
+                       (tmp_path / "ok", "two\nlines"), (tmp_path / "ok", "\udcff")):
         with pytest.raises(ConfigError):
             reserve_run(root, name)
     assert a_file.read_text() == "x" and not (tmp_path / "escape").exists()
