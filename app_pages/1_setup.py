@@ -19,6 +19,8 @@ DATASET_LABELS = {
     "cifar100": "CIFAR-100 (torchvision folder)",
     "imagefolder": "Image folder (one sub-folder per class)",
     "imagenet_subset": "ImageNet subset (ImageNette, ImageWoof, …)",
+    "imagefolder_stream": "Image folder, read on demand (larger than memory)",
+    "imagenet_subset_stream": "ImageNet subset, read on demand (larger than memory)",
 }
 TEACHER_LABELS = {
     "shipped": "Built-in teacher (ResNet-20 trained on shapes)",

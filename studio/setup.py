@@ -35,6 +35,8 @@ DATASET_FIELDS = {
     "cifar100": (K.DS_ROOT,),
     "imagefolder": (K.DS_ROOT, K.DS_IMAGE_SIZE, K.DS_MAX_PER_CLASS),
     "imagenet_subset": (K.DS_ROOT, K.DS_SUBSET, K.DS_IMAGE_SIZE, K.DS_MAX_PER_CLASS),
+    "imagefolder_stream": (K.DS_ROOT, K.DS_IMAGE_SIZE),
+    "imagenet_subset_stream": (K.DS_ROOT, K.DS_SUBSET, K.DS_IMAGE_SIZE),
 }
 _KWARG_NAMES = {K.DS_IMAGE_SIZE: "image_size"}
 

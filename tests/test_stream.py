@@ -140,3 +140,17 @@ def test_distils_a_folder_larger_than_its_memory_limit(tmp_path):
     out = run("imagefolder_stream")
     assert out["shape"] == [3, 3, 256, 256]
     assert out["dataset_mib"] > 120 and out["decoded"] <= 3 * (4 + 4)
+
+
+def test_the_app_offers_and_loads_a_streamed_folder(folder, monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("NRRDD_STUDIO_TINY", "1")
+    monkeypatch.setenv("NRRDD_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
+    at.query_params.update({"ds": "imagefolder_stream", "root": str(folder), "size": "32"})
+    at.run()
+    assert not at.exception, at.exception
+    assert "Image folder, read on demand (larger than memory)" in at.selectbox(key="ds").options
+    assert at.selectbox(key="ds").value == "imagefolder_stream"
+    assert not any("Cannot load this dataset" in e.value for e in at.error)
