@@ -163,6 +163,7 @@ def test_explore_cam_every_method():
     for method in CAM_METHODS:
         out = explore_cam(method, net, x, y, net[5])
         assert isinstance(out, torch.Tensor) and out.device.type == "cpu"
+        assert out.dtype == torch.float32 and not out.requires_grad
         assert out.shape == (2, 16, 16), method
         assert _in_range(out), method
     torch.testing.assert_close(explore_cam("gradcam", net, x, y, net[5]),
@@ -182,6 +183,7 @@ def test_teacher_cam_uses_teacher_layer():
     torch.testing.assert_close(get_cam("gradcam")(teacher, "2").attribute(x, y),
                                grad_cam(net, x, y, net[2]), atol=1e-4, rtol=0)
     assert ClassicCAM(teacher).layer is net[5] and GradCAM(teacher, "2").layer_name == "2"
+    assert ClassicCAM.supported_layers(teacher) == ["5"]          # the teacher's image size
     with pytest.raises(ConfigError, match="no layer 'nope'.*supported layers"):
         GradCAM(teacher, "nope")
     with pytest.raises(ConfigError, match="needs a layer"):
