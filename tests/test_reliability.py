@@ -189,7 +189,7 @@ def test_imagefolder_cap_is_validated_and_counts_readable_images(tmp_path, caplo
     assert any("broken.png" in r.getMessage() for r in caplog.records)
 
 
-def test_every_decoded_image_is_what_a_viewer_shows(tmp_path, caplog):
+def test_every_decoded_image_is_what_a_viewer_shows(tmp_path, caplog, monkeypatch):
     from nrrdd_core.data.imagefolder import load_rgb
 
     d = tmp_path / "modes"
@@ -214,10 +214,23 @@ def test_every_decoded_image_is_what_a_viewer_shows(tmp_path, caplog):
     expect["float.tif"] = (128, 128, 128)
     Image.new("1", (8, 8), 1).save(d / "bilevel.png")
     expect["bilevel.png"] = (255, 255, 255)
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (8, 8), (200, 30, 60)).save(d / "srgb_profile.png", icc_profile=srgb)
+    expect["srgb_profile.png"] = (200, 30, 60)
+    Image.new("RGB", (8, 8), (200, 30, 60)).save(d / "bad_profile.png", icc_profile=b"junk")
+    expect["bad_profile.png"] = (200, 30, 60)  # an unusable profile is ignored, not fatal
     for f, rgb in expect.items():
         got = load_rgb(d / f, 8)
         assert got.shape == (8, 8, 3) and got.dtype == np.uint8
         assert np.abs(got.reshape(-1, 3).mean(0) - rgb).max() <= 3, (f, got.reshape(-1, 3).mean(0))
+    used = []
+    real = ImageCms.profileToProfile
+    monkeypatch.setattr(ImageCms, "profileToProfile", lambda im, *a, **k: used.append(im.mode)
+                        or real(im, *a, **k))
+    load_rgb(d / "srgb_profile.png", 8)  # the embedded profile goes through colour management
+    assert used == ["RGB"]
     # EXIF orientation 6 (shown rotated 90 degrees clockwise): left half red -> top half red
     arr = np.zeros((8, 16, 3), np.uint8)
     arr[:, :8] = (255, 0, 0)

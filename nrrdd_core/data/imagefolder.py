@@ -11,6 +11,7 @@ skipped with a warning naming the file and counted in ``bundle.source["skipped"]
 
 from __future__ import annotations
 
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,8 +48,9 @@ _DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I
 
 def _as_rgb(im: Image.Image) -> Image.Image:
     """The RGB picture a viewer shows for ``im``: EXIF orientation applied; 16-bit grey scaled to
-    8 bits (Pillow's own conversion clips it to white); float images in [0, 1] scaled; palette,
-    grey, CMYK and YCbCr converted; transparency composited onto white.
+    8 bits (Pillow's own conversion clips it to white); float images in [0, 1] scaled; an embedded
+    ICC profile applied (to sRGB); palette, grey, CMYK and YCbCr converted; transparency
+    composited onto white.
 
     Raises:
         ValueError: a mode or value range with no single sensible picture (float images outside
@@ -68,11 +70,27 @@ def _as_rgb(im: Image.Image) -> Image.Image:
                 raise ValueError(f"{im.mode} image with values beyond 16 bits")
             arr = arr / 257.0
         im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    icc = im.info.get("icc_profile")
+    if icc and im.mode in ("RGB", "CMYK", "L"):
+        im = _to_srgb(im, icc)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
             (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
     return im.convert("RGB")
+
+
+def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
+    """``im`` converted from its embedded ICC profile to sRGB (as a colour-managed viewer shows
+    it; matters most for CMYK JPEGs); unchanged when the profile cannot be used."""
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception as exc:  # noqa: BLE001 - lcms raises PyCMSError/OSError/ValueError...
+        log.debug("ignoring the colour profile of an image: %s", exc)
+        return im
 
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:
