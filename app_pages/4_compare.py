@@ -9,12 +9,15 @@ import torch
 
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.evaluate import EvalConfig
-from nrrdd_core.export import default_runs_root, save_run
+from nrrdd_core.export import build_manifest, default_runs_root, save_run
 from nrrdd_core.methods import list_methods
 from studio import cache, diagnostics, jobs, runners, settings, widgets
 from studio import keys as K
 
-PX = 56
+#: Seconds between two polls while a comparison runs (its results arrive one set at a time).
+POLL_INTERVAL = 1.0
+#: Side of one image in the grid [px] (the cells are narrow).
+CELL_PX = 64
 LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "NRR-DD",
           "edf": "EDF"}
 
@@ -24,7 +27,17 @@ st.write("Distil the chosen classes with every method (published defaults, the s
          "seed) and put them beside a random real subset of the same size: the baseline every "
          "distilled set must beat.")
 
-job = jobs.get(st.session_state.get(K.COMPARE_JOB))
+
+
+def restore(params: dict) -> None:
+    """Put a comparison's settings back into the widgets (a reload or a new session)."""
+    for key, name in ((K.COMPARE_METHODS, "methods"), (K.COMPARE_EPOCHS, "epochs"),
+                      (K.COMPARE_RECOMPUTE, "recompute")):
+        if name in params:
+            st.session_state[key] = params[name]
+
+
+job = widgets.page_job("compare", K.COMPARE_JOB, restore)
 running = job is not None and job.active
 available = [m for m in LABELS if m in list_methods()] + \
     [m for m in list_methods() if m not in LABELS]
@@ -49,8 +62,9 @@ if b.button("Run comparison", key=K.COMPARE_START, type="primary", disabled=runn
         return runners.compare(j, methods, ctx.teacher, ctx.bundle, ctx.classes, ctx.setup,
                                eval_cfg, cache.compare_store(), recompute)
 
-    job = jobs.start("compare", work, {"epochs": int(epochs)})
-    st.session_state[K.COMPARE_JOB] = job.id
+    job = jobs.start("compare", work, {"epochs": int(epochs), "methods": list(methods),
+                                       "recompute": bool(recompute)})
+    widgets.keep_job(K.COMPARE_JOB, job)
     st.rerun()
 b.button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
@@ -58,12 +72,24 @@ st.caption(f"Student: {EvalConfig().student}, soft labels, CutMix (METHODS.md §
            f"{len(ctx.classes)} class{'es' if len(ctx.classes) > 1 else ''} × IPC {ctx.setup.ipc}")
 
 
+def cell_png(j: jobs.Job | None, name: str, title: str, r: dict, sel: list[int]):
+    """One class's images of one set as a PNG strip and its display width (encoded once per job,
+    set and row: a poll re-sends the same bytes)."""
+    cells = st.session_state.setdefault(K.COMPARE_CELLS, {})
+    key = (j.id if j is not None else None, name, title, len(r["labels"]))
+    if key not in cells:
+        m = widgets.mosaic([widgets.to_hwc(r["images"][i]) for i in sel], cols=len(sel))
+        side = r["images"].shape[-1]
+        cells[key] = (widgets.png(m), m.shape[1] * max(1, round(CELL_PX / side)))
+    return cells[key]
+
+
 def render(j: jobs.Job | None) -> None:
     v = j.view() if j is not None else None
     if v is not None:
         widgets.job_status(v, "sets")
     results = (v["result"] or v["frame"].get("results", {})) if v else {}
-    columns = ["random"] + methods
+    columns = ["random"] + (list(v["params"].get("methods", methods)) if v else methods)
     # side by side: rows = classes, columns = methods + the random real baseline
     head = st.columns([1] + [2] * len(columns))
     head[0].markdown("**class**")
@@ -83,7 +109,8 @@ def render(j: jobs.Job | None) -> None:
             sel = match(r["labels"]).nonzero().flatten().tolist() if r is not None else []
             if sel:
                 with col:
-                    widgets.image_grid([widgets.to_hwc(r["images"][i]) for i in sel], px=PX)
+                    png, width = cell_png(j, name, title, r, sel)
+                    st.image(png, width=width, output_format="PNG")
     if not results:
         return
     table = pd.DataFrame([{
@@ -109,25 +136,42 @@ def render(j: jobs.Job | None) -> None:
         if (r.get("diagnostics") or {}).get("warning"):
             st.warning(f"{LABELS.get(n, n)}: {r['diagnostics']['warning']}",
                        icon=":material/warning:")
+    first = next(iter(results.values()))
+    chance = 100 * first.get("chance", 1 / len(ctx.classes))
+    steps = {r.get("opt_steps") for r in results.values() if r.get("opt_steps") is not None}
     fig = go.Figure(go.Bar(x=table["set"], y=table["student acc %"],
                            text=[f"{a:.1f}" for a in table["student acc %"]]))
+    fig.add_hline(y=chance, line_dash="dash", annotation_text=f"chance {chance:.1f} %")
     fig.update_layout(height=300, yaxis_title="student top-1 %",
                       margin=dict(l=10, r=10, t=30, b=10),
-                      title=f"Quick student evaluation ({v['params'].get('epochs')} epochs)")
+                      title=f"Quick student evaluation ({v['params'].get('epochs')} epochs, "
+                            f"{', '.join(map(str, sorted(steps))) or '?'} optimiser steps)")
     st.plotly_chart(fig, key=K.COMPARE_CHART)
+    st.caption(f"Chance level: {chance:.1f} % ({len(ctx.classes)} classes). Optimiser steps of "
+               f"the student: {', '.join(map(str, sorted(steps))) or '?'} (epochs × batches).")
+    if any(r.get("too_short") for r in results.values()):
+        st.warning(f"This check is too short to rank anything: fewer than "
+                   f"{runners.MIN_RANKING_STEPS} optimiser steps, so the accuracies sit near "
+                   f"chance ({chance:.1f} %) whatever the set. Raise the student epochs, or use "
+                   "the Evaluate page's full protocol.", icon=":material/warning:")
 
 
-widgets.live(job.id if job else None, render)
+widgets.live(job.id if job else None, render, interval=POLL_INTERVAL)
 
 if job is not None and not job.active and job.result:
     if st.button("Save the distilled sets as runs", key=K.COMPARE_SAVE, icon=":material/save:"):
         stamp = time.strftime("%m%d-%H%M%S")
         for name, r in job.result.items():
-            if r.get("manifest") is None:
-                continue
+            manifest = r.get("manifest")
+            if manifest is None:  # the random real subset: a run too (the baseline to beat)
+                manifest = build_manifest(
+                    method="random_real", config={"seed": ctx.setup.seed}, teacher=ctx.teacher,
+                    bundle=ctx.bundle, classes=ctx.classes, ipc=ctx.setup.ipc,
+                    seed=ctx.setup.seed, dataset_args=dict(ctx.setup.dataset_kwargs))
             try:
-                path = save_run(default_runs_root(), f"compare_{name}_{stamp}", r["images"],
-                                r["labels"], r["manifest"], extras=r.get("extras"))
+                path = save_run(default_runs_root(), f"compare_{name}_{ctx.bundle.config.name}_"
+                                f"ipc{ctx.setup.ipc}_{stamp}", r["images"], r["labels"],
+                                manifest, extras=r.get("extras"))
                 st.success(f"Saved {path}")
             except NrrddError as exc:
                 st.error(f"{name}: not saved: {exc}")

@@ -30,19 +30,43 @@ st.write("Train a fresh student on each chosen distilled set and test it on the 
          "with the KD protocol of RDED (docs/METHODS.md §1.4), or for EDF runs also with EDF's own "
          "protocol (docs/METHODS.md §5.6). Results are stored in each run's folder.")
 
-infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("created", ""))
+here = ctx.bundle.config.name
+
+
+def dataset_of(info) -> str:
+    return (info.manifest.get("dataset") or {}).get("name", "?")
+
+
+# the current dataset's runs first, newest first within each group
+infos = sorted(list_runs(default_runs_root()), key=lambda r: r.manifest.get("created", ""),
+               reverse=True)
+infos = [r for r in infos if dataset_of(r) == here] + [r for r in infos if dataset_of(r) != here]
 runs = {r.name: str(r.path) for r in infos}
+run_dataset = {r.name: dataset_of(r) for r in infos}
 if not runs:
     st.info("No saved runs yet: save one on **Refine live** or **Compare**.")
     st.page_link("app_pages/3_refine.py", label="Go to Refine live",
                  icon=":material/auto_fix_high:")
     st.stop()
-job = jobs.get(st.session_state.get(K.EVAL_JOB))
+
+
+def restore(params: dict) -> None:
+    """Put an evaluation's settings back into the widgets (a reload or a new session)."""
+    for key, name in ((K.EVAL_RUNS, "runs"), (K.EVAL_PROTOCOL, "protocol"),
+                      (K.EVAL_STUDENT, "student"), (K.EVAL_LABELS, "label_mode"),
+                      (K.EVAL_EPOCHS, "epochs")):
+        if name in params:
+            st.session_state[key] = params[name]
+
+
+job = widgets.page_job("evaluate", K.EVAL_JOB, restore)
 running = job is not None and job.active
 
-st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, list(runs)[-1:])
-                                 if r in runs]  # default: the newest run
+st.session_state[K.EVAL_RUNS] = [r for r in st.session_state.get(K.EVAL_RUNS, list(runs)[:1])
+                                 if r in runs]  # default: the newest run of this dataset
 chosen = st.multiselect("Runs", list(runs), key=K.EVAL_RUNS, disabled=running,
+                        format_func=lambda n: n if run_dataset[n] == here else
+                        f"{n} (other dataset: {run_dataset[n]})",
                         placeholder="choose one or more saved runs", **PERSIST)
 manifests = {r.name: r.manifest for r in infos}
 edf_ok = bool(chosen) and all(has_edf_extras(manifests[n]) for n in chosen)
@@ -80,8 +104,8 @@ if b.button("Start evaluation", key=K.EVAL_START, type="primary",
     def work(j, paths=[runs[n] for n in chosen], cfg=cfg, ctx=ctx):
         return runners.evaluate_runs(j, paths, ctx.teacher, ctx.bundle, cfg, ctx.setup)
 
-    job = jobs.start("evaluate", work, cfg)
-    st.session_state[K.EVAL_JOB] = job.id
+    job = jobs.start("evaluate", work, {**cfg, "runs": list(chosen)})
+    widgets.keep_job(K.EVAL_JOB, job)
     st.rerun()
 b.button("Stop evaluation", key=K.EVAL_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")

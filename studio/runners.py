@@ -126,6 +126,21 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             "steps": d.step_index, "manifest": manifest, "extras": extras, "diagnostics": diag}
 
 
+#: Fewer optimiser steps than this in a quick student check cannot rank the sets.
+MIN_RANKING_STEPS = 200
+
+
+def quick_check(config: dict, n_images: int, n_classes: int) -> dict:
+    """What a quick student check was: ``opt_steps`` (optimiser updates: epochs x batches per
+    epoch, from the evaluation's ``config``: ``epochs``, ``batch_size``), ``chance`` (top-1 of
+    guessing among ``n_classes``), and ``too_short`` (fewer than :data:`MIN_RANKING_STEPS`
+    updates: an accuracy near chance says nothing about the set)."""
+    batch = int(config.get("batch_size") or n_images) or 1
+    steps = int(config.get("epochs") or 0) * -(-n_images // batch)
+    return {"opt_steps": steps, "chance": 1.0 / max(1, n_classes),
+            "too_short": steps < MIN_RANKING_STEPS}
+
+
 def steps_per_second(history: list[dict], window: int = 20) -> float:
     """Compute rate of the last ``window`` steps (1 / mean step time)."""
     secs = [r["seconds"] for r in history[-window:] if r.get("seconds")]
@@ -185,7 +200,7 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
                 "manifest": r.distilled.info.get("manifest"), "extras": r.distilled.extras,
                 **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
                 "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes),
-                "diagnostics": diag}
+                "diagnostics": diag, **quick_check(ev.config, len(x), len(classes))}
         job.progress(step=len(results), frame={"results": dict(results)})
 
     def stage(name: str, what: str) -> None:

@@ -7,6 +7,7 @@ AppTest never ticks ``run_every``: background jobs are polled by calling ``at.ru
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -235,6 +236,51 @@ def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
     assert at.dataframe[0].value["set"].tolist()[0] == "random real"
     assert len(at.dataframe[0].value) == len(quick) + 1
     assert len(at.get("plotly_chart")) == 1
+    # a one-epoch check on 1 class: chance level and optimiser steps shown, and a warning
+    assert any("Chance level: 100.0 %" in c.value and "Optimiser steps" in c.value
+               for c in at.caption)
+    assert any("too short to rank" in w.value for w in at.warning)
+    at.button(key="compare_save").click().run()  # every set is saved, the random one too
+    saved = sorted(p.name for p in (Path(os.environ["NRRDD_RUNS"])).iterdir())
+    assert len(saved) == len(quick) + 1 and all("_shapes_ipc1_" in n for n in saved), saved
+    assert any(n.startswith("compare_random_") for n in saved)
+
+
+def test_quick_check_counts_optimiser_steps_and_flags_short_checks():
+    from studio.runners import MIN_RANKING_STEPS, quick_check
+    q = quick_check({"epochs": 3, "batch_size": 4}, n_images=10, n_classes=4)
+    assert q == {"opt_steps": 9, "chance": 0.25, "too_short": True}
+    long = quick_check({"epochs": MIN_RANKING_STEPS, "batch_size": 10}, 10, 4)
+    assert long["opt_steps"] == MIN_RANKING_STEPS and not long["too_short"]
+
+
+def test_compare_reattaches_with_its_settings_after_a_reload(teacher_path, monkeypatch):
+    from studio import runners
+
+    def endless(j, methods, *args, **kwargs):  # a comparison that runs until stopped
+        j.progress(total=len(methods) + 1, message="working")
+        while not j.should_stop():
+            time.sleep(0.05)
+        return {}
+
+    monkeypatch.setattr(runners, "compare", endless)
+    at = app(teacher_path, "4_compare", classes="circle")
+    at.multiselect(key="compare_methods").set_value(["rded"]).run()
+    at.number_input(key="compare_epochs").set_value(3).run()
+    at.button(key="compare_start").click().run()
+    job_id = at.query_params["job"]
+    # a reload: a new session on the same URL finds the job, its settings and Stop
+    again = app(teacher_path, "4_compare", classes="circle", job=job_id)
+    assert again.session_state["compare_job"] == job_id
+    assert again.multiselect(key="compare_methods").value == ["rded"]
+    assert again.number_input(key="compare_epochs").value == 3
+    assert progress_text(again).startswith("running")
+    assert not again.button(key="compare_stop").disabled
+    again.button(key="compare_stop").click().run()
+    poll(again, lambda a: progress_text(a).startswith("stopped"), timeout=10)
+    # another page's job in the URL is not taken for this page's
+    other = app(teacher_path, "3_refine", classes="circle", job=job_id)
+    assert "refine_job" not in other.session_state and "job" not in other.query_params
 
 
 # ---- Runs and Evaluate ----------------------------------------------------------------------
@@ -262,6 +308,41 @@ def test_evaluate_trains_a_student_on_a_saved_run(teacher_path, tmp_path):
     poll(at, lambda a: progress_text(a).startswith(("done", "error", "stopped")))
     rows = at.dataframe[0].value
     assert rows["run"].tolist() == ["tiny_run"] and 0 <= rows["final_acc"][0] <= 100
+
+
+def test_evaluate_lists_this_dataset_first_and_reattaches_with_its_settings(
+        teacher_path, tmp_path, monkeypatch):
+    import json
+
+    from studio import runners
+    other = saved_run(teacher_path, tmp_path / "runs")
+    mf = json.loads((other / "manifest.json").read_text())
+    mf["dataset"]["name"] = "cifar10"  # a run of another dataset, saved later
+    mf["created"] = "9999"
+    (other / "manifest.json").write_text(json.dumps(mf))
+    other.rename(other.parent / "other_run")
+    saved_run(teacher_path, tmp_path / "runs")
+
+    def endless(j, paths, *args, **kwargs):  # an evaluation that runs until stopped
+        j.progress(total=1, message="working")
+        while not j.should_stop():
+            time.sleep(0.05)
+        return []
+
+    monkeypatch.setattr(runners, "evaluate_runs", endless)
+    at = app(teacher_path, "5_evaluate")
+    ms = at.multiselect(key="eval_runs")
+    assert ms.options[0].startswith("tiny_run") and "other dataset" in ms.options[1]
+    assert ms.value == ["tiny_run"]  # the newest run of the current dataset
+    at.number_input(key="eval_epochs").set_value(7).run()
+    at.radio(key="eval_labels").set_value("hard").run()
+    at.button(key="eval_start").click().run()
+    again = app(teacher_path, "5_evaluate", job=at.query_params["job"])  # a reload
+    assert again.number_input(key="eval_epochs").value == 7
+    assert again.radio(key="eval_labels").value == "hard"
+    assert not again.button(key="eval_stop").disabled
+    again.button(key="eval_stop").click().run()
+    poll(again, lambda a: progress_text(a).startswith("stopped"), timeout=10)
 
 
 def test_evaluate_offers_edf_protocol_for_edf_runs(teacher_path, tmp_path, monkeypatch):
