@@ -43,6 +43,33 @@ def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
 
 
+def test_compare_reload_mid_run_finds_the_job_its_settings_and_stop(tmp_path):
+    import re
+
+    teacher = tiny_teacher(tmp_path / "tiny.pt")
+    env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp_path / "runs"),
+           "NRRDD_CACHE": str(tmp_path / "cache")}
+    query = urlencode({"teacher": "file", "teacher_path": str(teacher), "classes": "circle"})
+    running = re.compile(r"^running")
+    with shots.serve(env) as (base, _), shots.browser() as page:
+        page.goto(f"{base}/compare?{query}")
+        page.get_by_role("heading", name="Compare", exact=True).wait_for()
+        shots.idle(page)
+        shots.set_number(page, "Student epochs", 300)  # long enough to be mid-run at the reload
+        page.get_by_role("button", name="Run comparison").click()
+        page.locator('[data-testid="stProgress"]').filter(has_text=running).wait_for()
+        assert "job=" in page.url
+        page.reload()
+        page.get_by_role("heading", name="Compare", exact=True).wait_for()
+        page.locator('[data-testid="stProgress"]').filter(has_text=running).wait_for()
+        epochs = page.locator('[data-testid="stNumberInput"]').filter(has_text="Student epochs")
+        assert epochs.locator("input").input_value() == "300"  # its settings, not the defaults
+        stop = page.get_by_role("button", name="Stop comparison")
+        assert stop.is_enabled()
+        stop.click()
+        page.get_by_text("Stopped on request").wait_for()
+
+
 def test_ui_speed_bench_tiny(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("ui_speed", REPO / "bench" / "ui_speed.py")
     ui_speed = importlib.util.module_from_spec(spec)
