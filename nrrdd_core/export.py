@@ -245,7 +245,8 @@ def recover_runs(root: str | os.PathLike) -> list[str]:
                 actions.append(f"restored run {name} (its replacement was interrupted)")
                 continue
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in (p for p in hidden if _TMP in p.name and p.exists() and gone(p)):
+    for tmp in (p for p in hidden if _TMP in p.name and p.is_dir() and not p.is_symlink()
+                and not p.name.endswith(_LOCK) and gone(p)):
         shutil.rmtree(tmp, ignore_errors=True)
         actions.append(f"removed the unfinished save {tmp.name}")
     for lock in (p for p in hidden if p.name.endswith(_LOCK) and p.is_file()):
