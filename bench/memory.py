@@ -108,7 +108,8 @@ fresh process: peak resident memory minus the size before loading the dataset. T
 entry decodes every image when loading, so its memory grows with the dataset; the streamed entry
 (`imagefolder_stream`, METHODS.md §7) decodes only the images RDED scores (`mipc` per class, plus
 the stitched ones), so its memory does not. Not counted: the streamed entry's 2 DataLoader worker
-processes (forked; each holds at most one batch of 16 decoded images)."""
+processes (forked; each holds at most one batch of 16 decoded images). The streamed entry's step
+from 150 to 600 images is its mean/std sample, capped at 256 images."""
 
 
 def make_folder(root: Path, per_class: int, size: int = 128, classes: int = 3) -> Path:
