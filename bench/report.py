@@ -257,9 +257,9 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
             parts.append(speed_markdown(json.loads(p.read_text())))
     mems = sorted(results_dir.glob("memory_*.json"))
     if mems:
-        import memory  # bench/memory.py: EDF peak memory against syn_steps
+        import memory  # bench/memory.py: EDF memory against syn_steps, ImageFolder against size
 
-        parts += [memory.SECTION, ""] + [memory.markdown(json.loads(p.read_text())) for p in mems]
+        parts.append(memory.results_markdown(mems))
     floats = sorted(results_dir.glob("edf_float_*.json"))
     if floats:
         import edf_float  # bench/edf_float.py: EDF evaluated on its float tensor vs its PNGs
