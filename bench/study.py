@@ -288,8 +288,10 @@ class Study:
 
 def add_diagnostics(paths: list[Path], device: str = "cpu", recipe: dict | None = None) -> dict:
     """Refinement diagnostics (:func:`nrrdd_core.diagnostics.diagnose`, METHODS.md §4.6) of every
-    row of one setting (its result file and part files, ``paths``), written into each file's
-    ``"diagnostics"`` (``{variant: summary + warning}``) and ``"independent"``: each CIDD + NRR
+    row of one setting (its result file and part files, ``paths``), written to
+    ``diagnostics_<budget>_<setting>.json`` beside them (so running study processes do not
+    overwrite them): ``"diagnostics"`` (``{variant: summary + warning}``) and ``"independent"``;
+    :func:`load_docs` merges it. Each CIDD + NRR
     set against the CIDD set of the same confidence reading (its ``x~0``: same seed, same
     selection), every other set against itself (agreement only). The independent model is
     :func:`~nrrdd_core.diagnostics.independent_model` trained on the setting's training split
@@ -321,9 +323,8 @@ def add_diagnostics(paths: list[Path], device: str = "cpu", recipe: dict | None 
         d = diagnose(st.teacher, before["x_u8"].float() / 255, x["x_u8"].float() / 255, x["labels"], ind)
         out[r["variant"]] = {**d.summary(), "warning": d.warning(),
                              "before": "CIDD" if before is not x else "itself"}
-    for p, d in zip(paths, docs):
-        d["diagnostics"], d["independent"] = out, independent
-        common.write_json(Path(p), d)
+    common.write_json(Path(paths[0]).parent / f"diagnostics_{doc['study']}_{doc['setting']}.json",
+                      {"diagnostics": out, "independent": independent})
     return {**doc, "diagnostics": out, "independent": independent}
 
 
@@ -363,7 +364,12 @@ def load_docs(results_dir: Path = common.RESULTS_DIR) -> list[dict]:
     for p in sorted(results_dir.glob("study_*.json")):
         d = json.loads(p.read_text())
         groups.setdefault((d["study"], d["setting"]), []).append(d)
-    return [merge(g) for g in groups.values()]
+    docs = [merge(g) for g in groups.values()]
+    for d in docs:
+        p = results_dir / f"diagnostics_{d['study']}_{d['setting']}.json"
+        if p.is_file():
+            d.update(json.loads(p.read_text()))
+    return docs
 
 
 def setting_paths(budget: str, setting: str, results_dir: Path = common.RESULTS_DIR) -> list[Path]:

@@ -48,7 +48,7 @@ def test_study_tiny_rows_seeds_diagnostics_and_report(bench, tmp_path, monkeypat
 
     # diagnostics: the NRR set is compared with the CIDD set of the same confidence reading
     assert acc.main(["--study", "tiny", "--diagnostics", "--out", str(out)]) == 0
-    doc = json.loads(path.read_text())
+    doc = next(d for d in study.load_docs(out) if d["setting"] == "shapes")
     diag = doc["diagnostics"]
     assert diag["CIDD + NRR 2 (max_prob)"]["before"] == "CIDD" and diag["RDED"]["before"] == "itself"
     assert diag["RDED"]["change_mean"] == 0
