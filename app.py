@@ -19,7 +19,9 @@ import streamlit as st  # noqa: E402
 
 from studio import cache, setup, widgets  # noqa: E402
 
-st.set_page_config(page_title="NRR-DD Studio", page_icon=":material/blur_on:", layout="wide")
+# a local icon: a Material icon name would make the browser fetch it from fonts.gstatic.com
+# (errors offline); an image is served by the app itself
+st.set_page_config(page_title="NRR-DD Studio", page_icon=widgets.app_icon(), layout="wide")
 st.html(widgets.PIXELATED_CSS)
 
 setup.init_session()

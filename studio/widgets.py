@@ -27,6 +27,18 @@ TILE_PX = 128
 PIXELATED_CSS = "<style>[data-testid='stImage'] img {image-rendering: pixelated;}</style>"
 
 
+def app_icon():
+    """The browser tab's icon, drawn here (nothing fetched from the internet): a white disc
+    with a blue "critical" core on dark blue, 32 x 32 px."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (32, 32), (20, 30, 60))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((4, 4, 27, 27), fill=(235, 235, 240))
+    draw.ellipse((11, 11, 20, 20), fill=(70, 120, 230))
+    return img
+
+
 def require_context(with_teacher: bool = True) -> Context:
     """The session's :class:`Context`, or an error box pointing at Setup and ``st.stop()``."""
     try:

@@ -34,8 +34,12 @@ def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
     env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp_path / "runs"),
            "NRRDD_CACHE": str(tmp_path / "cache")}
     query = urlencode({"teacher": "file", "teacher_path": str(teacher)})
+    outside = []  # offline: the app fetches nothing from the internet (the tab icon included)
     with shots.serve(env) as (base, _), shots.browser() as page:
+        page.on("request", lambda r: outside.append(r.url)
+                if not r.url.startswith((base, "data:", "blob:")) else None)
         out = shots.walk(page, base, query, shots=tmp_path / "shots", iterations=3000)
+    assert outside == []
     assert "classes=circle" in out["url_after_class"]  # the setup is kept in the URL
     assert out["noncritical"][0] != out["noncritical"][1]
     assert len({src for _, src in out["live"]}) >= 3  # the live image changed at least twice
