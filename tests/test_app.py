@@ -213,6 +213,65 @@ def test_mosaic_places_each_image_in_its_cell():
     assert cols == 10 and "next row" in where
 
 
+def test_live_frames_are_made_at_a_bounded_rate_and_only_while_watched(teacher_path,
+                                                                       monkeypatch):
+    from nrrdd_core.models import Teacher
+    from studio import jobs, runners
+    from studio.setup import Setup
+    b = load_dataset("shapes", **TINY_DATA)
+    t = Teacher.load(teacher_path)
+    s = Setup("shapes", tuple(sorted(TINY_DATA.items())), ("circle",), "file", str(teacher_path),
+              "", "cpu", 2, 0)
+    cfg = {"iterations": 300, "mipc": 4, "num_crops": 2}
+    for watched in (False, True):
+        monkeypatch.setattr(jobs.Job, "watched_recently", lambda self, within=2.0: watched)
+        job = jobs.Job("x", "refine")
+        t0 = time.perf_counter()
+        res = runners.distill(job, "nrrdd", cfg, t, b, [0], s)
+        elapsed = time.perf_counter() - t0
+        assert res["steps"] == job.step > 300
+        interval = runners.FRAME_INTERVAL if watched else runners.UNWATCHED_INTERVAL
+        assert 2 <= job.frames <= 3 + elapsed / interval, (watched, job.frames, elapsed)
+        rows = job.frame["rows"]  # one encoded picture per frame, made by the worker
+        assert len(rows) == 1 and rows[0]["png"][:4] == b"\x89PNG"
+
+
+def test_job_working_time_stops_while_paused():
+    from studio import jobs
+    job = jobs.Job("x", "refine", status="running")
+    job.toggle_pause()
+    t = job.elapsed
+    time.sleep(0.3)
+    assert job.elapsed - t < 0.05  # paused: the clock stands still
+    job.toggle_pause()
+    time.sleep(0.2)
+    assert job.elapsed - t >= 0.15
+
+
+def test_refine_reattaches_with_its_settings_and_open_in_refine_replaces_the_job(
+        teacher_path, tmp_path):
+    at = app(teacher_path, "3_refine", classes="circle")
+    at.number_input(key="knob.nrrdd.iterations").set_value(100000).run()
+    at.slider(key="knob.nrrdd.tau").set_value(0.7).run()
+    at.button(key="refine_start").click().run()
+    job_id = at.query_params["job"]
+    again = app(teacher_path, "3_refine", classes="circle", job=job_id)  # a reload
+    assert again.session_state["refine_job"] == job_id
+    assert again.slider(key="knob.nrrdd.tau").value == 0.7  # the job's, not the default 0.5
+    assert again.number_input(key="knob.nrrdd.iterations").value == 100000
+    assert not again.button(key="refine_stop").disabled
+    again.button(key="refine_stop").click().run()
+    poll(again, lambda a: progress_text(a).startswith("stopped"), timeout=30)
+    assert any(h.value == "Save this run" for h in again.subheader)
+    saved_run(teacher_path, tmp_path / "runs")
+    again.switch_page("app_pages/6_runs.py").run()
+    again.button(key="run.refine.tiny_run").click().run()  # "Open in Refine"
+    assert again.title[0].value == "Refine live"
+    assert any("Reopened run" in e.label for e in again.expander)
+    assert not any(h.value == "Save this run" for h in again.subheader)  # no old save box
+    assert "refine_job" not in again.session_state and not again.get("progress")
+
+
 def test_refine_failure_is_shown_and_app_stays_usable(teacher_path):
     at = app(teacher_path, "3_refine", classes="circle")
     at.number_input(key="knob.nrrdd.lr").set_value(1e38).run()
