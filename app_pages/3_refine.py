@@ -7,7 +7,7 @@ import streamlit as st
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.export import default_runs_root, load_run, save_run
 from nrrdd_core.methods import get_method, list_methods
-from studio import diagnostics, jobs, reopen, runners, settings, widgets
+from studio import diagnostics, frames, jobs, reopen, runners, settings, widgets
 from studio import keys as K
 
 #: Seconds between two polls of the live view (each re-sends the latest picture: cheap).
@@ -195,8 +195,13 @@ if job is not None and not job.active and job.result is not None:
     st.subheader("Save this run")
     default = (f"{job.params.get('method', method)}_{ctx.bundle.config.name}_ipc{ctx.setup.ipc}_"
                f"{time.strftime('%m%d-%H%M%S', time.localtime(job.started))}")
-    c = st.columns([3, 1], vertical_alignment="bottom")
+    c = st.columns([3, 1, 1], vertical_alignment="bottom")
     name = c[0].text_input("Run name", value=default, key=K.RUN_NAME)
+    if job.film:
+        c[2].download_button("Animation (GIF)", data=lambda film=list(job.film): frames.gif(film),
+                             file_name=f"{default}.gif", mime="image/gif", key=K.REFINE_GIF,
+                             icon=":material/movie:", help=f"The {len(job.film)} pictures "
+                             "drawn during the run, for slides.")
     if c[1].button("Save run", key=K.SAVE_RUN, icon=":material/save:"):
         try:
             path = save_run(default_runs_root(), name, res["images"], res["labels"],

@@ -134,3 +134,22 @@ def image_rows(frame: dict, class_names: list[str]) -> list[dict]:
     title = rows[0][0] + "".join(f"; then {t[0].lower()}{t[1:]}" for t, _ in rows[1:])
     return [{"title": title, "png": png(picture), "tile": current[0].shape[1],
              "width": picture.shape[1], "rows": [t for t, _ in rows]}]
+
+
+def gif(pictures: list[bytes], seconds: float = 0.15, scale: int = 2) -> bytes:
+    """An animated GIF (looping, ``seconds`` per picture, each ``scale`` times larger,
+    nearest-neighbour) of PNG ``pictures`` (e.g. a run's frames, :meth:`studio.jobs.Job.film`);
+    all are resized to the first one's size.
+
+    Raises:
+        ValueError: no pictures.
+    """
+    if not pictures:
+        raise ValueError("gif needs at least one picture")
+    frames = [Image.open(io.BytesIO(p)).convert("RGB") for p in pictures]
+    size = (frames[0].width * scale, frames[0].height * scale)
+    frames = [f.resize(size, Image.NEAREST) for f in frames]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=int(seconds * 1000), loop=0)
+    return buf.getvalue()

@@ -66,6 +66,7 @@ class Job:
     paused_s: float = 0.0              # seconds spent paused (finished pauses)
     paused_at: float | None = None     # time.time() when the current pause began
     watched: float = 0.0
+    film: list = field(default_factory=list)  # PNG pictures of the run for a GIF (add_film)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -149,6 +150,14 @@ class Job:
             if frame is not None:
                 self.frame = frame
                 self.frames += 1
+
+    def add_film(self, picture: bytes, keep: int = 120) -> None:
+        """Keep ``picture`` (PNG bytes) for the run's animation: at most ``keep``; when full,
+        every other one is dropped, so the film always spans the whole run."""
+        with self.lock:
+            self.film.append(picture)
+            if len(self.film) > keep:
+                self.film = self.film[::2]
 
     def _finish(self, status: str, result: Any = None, error: str | None = None) -> None:
         with self.lock:

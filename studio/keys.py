@@ -74,6 +74,7 @@ REFINE_EVERY = "refine_every"  # draw every k steps
 RUN_NAME = "run_name"
 SAVE_RUN = "save_run"
 LOSS_CHART = "refine_losses"
+REFINE_GIF = "refine_gif"      # download of the run's pictures as an animated GIF
 
 # ---- Compare / Evaluate / Runs ---------------------------------------------------------------
 COMPARE_METHODS = "compare_methods"

@@ -107,7 +107,10 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             due = now - last >= (wait if job.watched_recently(WATCH_TIMEOUT)
                                  else max(wait, UNWATCHED_INTERVAL))
             if frames and (d.done or (since >= every and due)):
-                job.progress(frame=snapshot(d, t, names))
+                frame = snapshot(d, t, names)
+                job.progress(frame=frame)
+                if frame["rows"]:
+                    job.add_film(frame["rows"][0]["png"])
                 cost = time.perf_counter() - now
                 last, since = time.perf_counter(), 0
                 wait = max(FRAME_INTERVAL, cost / FRAME_BUDGET)

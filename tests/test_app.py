@@ -193,6 +193,7 @@ def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     assert spec["encoding"]["y"]["scale"]["type"] == "log"
     assert "step 0" in spec["title"]
     assert any(" steps = " in c.value and "selection + " in c.value for c in at.caption)
+    assert len(at.get("download_button")) == 1  # the run as an animated GIF
     at.button(key="save_run").click().run()
     assert at.success, [e.value for e in at.error]
     assert len(list((tmp_path / "runs").iterdir())) == 1
@@ -234,6 +235,22 @@ def test_live_frames_are_made_at_a_bounded_rate_and_only_while_watched(teacher_p
         assert 2 <= job.frames <= 3 + elapsed / interval, (watched, job.frames, elapsed)
         rows = job.frame["rows"]  # one encoded picture per frame, made by the worker
         assert len(rows) == 1 and rows[0]["png"][:4] == b"\x89PNG"
+
+
+def test_gif_of_a_run_has_one_frame_per_picture_and_the_film_spans_the_run():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from studio import frames, jobs
+    pics = [frames.png(np.full((4, 6, 3), 40 * i, np.uint8)) for i in range(3)]
+    g = Image.open(io.BytesIO(frames.gif(pics, scale=2)))
+    assert g.format == "GIF" and g.n_frames == 3 and g.size == (12, 8)
+    job = jobs.Job("x", "refine")
+    for i in range(10):
+        job.add_film(bytes([i]), keep=4)
+    assert job.film[0] == bytes([0]) and len(job.film) <= 4  # thinned, from the start on
 
 
 def test_job_working_time_stops_while_paused():
