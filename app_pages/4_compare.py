@@ -11,7 +11,7 @@ from nrrdd_core.errors import NrrddError
 from nrrdd_core.evaluate import EvalConfig
 from nrrdd_core.export import build_manifest, default_runs_root, save_run
 from nrrdd_core.methods import list_methods
-from studio import cache, diagnostics, jobs, runners, settings, widgets
+from studio import cache, diagnostics, frames, jobs, runners, settings, widgets
 from studio import keys as K
 
 #: Seconds between two polls while a comparison runs (its results arrive one set at a time).
@@ -159,6 +159,13 @@ def render(j: jobs.Job | None) -> None:
 widgets.live(job.id if job else None, render, interval=POLL_INTERVAL)
 
 if job is not None and not job.active and job.result:
+    sets = [(LABELS.get(n, n), r["images"], r["labels"]) for n, r in job.result.items()]
+    st.download_button("Grid as a figure (PNG)", key=K.COMPARE_FIGURE, mime="image/png",
+                       data=lambda sets=sets: frames.grid_figure(
+                           sets, ctx.classes, ctx.bundle.config.class_names),
+                       file_name=f"compare_{ctx.bundle.config.name}_ipc{ctx.setup.ipc}.png",
+                       icon=":material/image:", help="Every set side by side, one row per "
+                       "class, for slides.")
     if st.button("Save the distilled sets as runs", key=K.COMPARE_SAVE, icon=":material/save:"):
         stamp = time.strftime("%m%d-%H%M%S")
         for name, r in job.result.items():

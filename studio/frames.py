@@ -153,3 +153,31 @@ def gif(pictures: list[bytes], seconds: float = 0.15, scale: int = 2) -> bytes:
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(seconds * 1000), loop=0)
     return buf.getvalue()
+
+
+def grid_figure(sets: list[tuple[str, torch.Tensor, torch.Tensor]], classes: list[int],
+                class_names: list[str], scale: int = 3, gap: int = 6) -> bytes:
+    """A comparison grid as one PNG for slides: one column per set (``(title, images (N,3,H,W)
+    in [0,1], labels (N,))``), one row per class of ``classes`` (its images side by side),
+    titles and class names written above and left, images ``scale`` times larger
+    (nearest-neighbour)."""
+    from PIL import ImageDraw
+
+    side = max(int(x.shape[-1]) for _, x, _ in sets) * scale
+    per = max(max((int((y == c).sum()) for _, _, y in sets), default=1) for c in classes) or 1
+    col_w = per * (side + 2) + gap
+    left, top = 90, 24
+    out = Image.new("RGB", (left + len(sets) * col_w, top + len(classes) * (side + gap)), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (title, x, y) in enumerate(sets):
+        x0 = left + k * col_w
+        draw.text((x0, 6), title, fill=(0, 0, 0))
+        for r, c in enumerate(classes):
+            for j, i in enumerate((y == c).nonzero().flatten().tolist()[:per]):
+                tile = Image.fromarray(to_hwc(x[i])).resize((side, side), Image.NEAREST)
+                out.paste(tile, (x0 + j * (side + 2), top + r * (side + gap)))
+    for r, c in enumerate(classes):
+        draw.text((4, top + r * (side + gap) + side // 2 - 6), class_names[c][:14], fill=(0, 0, 0))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()

@@ -84,6 +84,7 @@ COMPARE_STOP = "compare_stop"
 COMPARE_SAVE = "compare_save"
 COMPARE_RECOMPUTE = "compare_recompute"
 COMPARE_CHART = "compare_bars"
+COMPARE_FIGURE = "compare_figure"  # download of the grid as one PNG
 COMPARE_CELLS = "compare_cells"  # {(job id, set, row, n): (PNG, width)}: encoded grid cells
 EVAL_PROTOCOL = "eval_protocol"
 EVAL_STUDENT = "eval_student"

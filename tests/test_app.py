@@ -253,6 +253,20 @@ def test_gif_of_a_run_has_one_frame_per_picture_and_the_film_spans_the_run():
     assert job.film[0] == bytes([0]) and len(job.film) <= 4  # thinned, from the start on
 
 
+def test_compare_grid_figure_has_a_column_per_set_and_a_row_per_class():
+    import io
+
+    from PIL import Image
+
+    from studio import frames
+    x = torch.zeros(4, 3, 8, 8)
+    y = torch.tensor([0, 0, 1, 1])
+    png = frames.grid_figure([("a", x, y), ("b", x[:2], torch.tensor([0, 1]))], [0, 1],
+                             ["zero", "one"], scale=2, gap=6)
+    img = Image.open(io.BytesIO(png))
+    assert img.size == (90 + 2 * (2 * 18 + 6), 24 + 2 * (16 + 6))
+
+
 def test_job_working_time_stops_while_paused():
     from studio import jobs
     job = jobs.Job("x", "refine", status="running")
@@ -316,6 +330,7 @@ def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
     assert any("Chance level: 100.0 %" in c.value and "Optimiser steps" in c.value
                for c in at.caption)
     assert any("too short to rank" in w.value for w in at.warning)
+    assert len(at.get("download_button")) == 1  # the grid as a PNG figure
     at.button(key="compare_save").click().run()  # every set is saved, the random one too
     saved = sorted(p.name for p in (Path(os.environ["NRRDD_RUNS"])).iterdir())
     assert len(saved) == len(quick) + 1 and all("_shapes_ipc1_" in n for n in saved), saved
