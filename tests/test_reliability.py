@@ -139,7 +139,7 @@ def test_npz_test_file_follows_the_train_file(tmp_path):
 
 def test_public_checkpoint_needs_the_cifar10_classes_in_order(bundle):
     dc = public_checkpoint_data_config(bundle.config.class_names)  # shapes: 10 other names
-    with pytest.raises(TeacherMismatchError, match="class order"):
+    with pytest.raises(TeacherMismatchError, match="class names differ"):
         Teacher(build_model("resnet20_cifar", 10, 32), "resnet20_cifar", dc, "layer3") \
             .check_compatible(replace(dc, class_names=bundle.config.class_names))
     swapped = list(CIFAR10_CLASSES)
@@ -586,7 +586,7 @@ def test_cli_corpus_one_line_errors_and_nothing_lost(tmp_path, capsys, monkeypat
     assert "is a file" in lines["out_is_a_file"] and "bytes" in lines["long_name"]
     assert "already exists" in lines["existing"]
     assert "refused" in lines["unsafe"] and "weights_only" not in lines["unsafe"]
-    assert "class order" in lines["public_on_shapes"]
+    assert "class names differ" in lines["public_on_shapes"]
     assert "bad_kwargs.pt" in lines["bad_kwargs"] and "lr=inf" in lines["lr_inf"]
     assert "not in the run" in lines["eval_other_class"]
     assert not marker.exists() and tree(outside) == before and tree(runs) == before_runs
@@ -647,7 +647,7 @@ def test_setup_page_refuses_hostile_checkpoints_with_an_error(tmp_path, monkeypa
         at.text_input(key="teacher_path").set_value(str(tmp_path / name)).run()
         assert not at.exception, (name, at.exception)
         errors = " ".join(e.value for e in at.error)
-        assert (name in errors) if kind == "file" else ("class order" in errors), (name, errors)
+        assert (name in errors) if kind == "file" else ("class names" in errors), (name, errors)
         assert "weights_only" not in errors  # torch's advice to load it unsafely is not repeated
     assert not marker.exists()
 

@@ -117,10 +117,15 @@ class Teacher:
                 f"teacher has {len(mine)} classes but dataset {data_config.name} has {len(theirs)}: "
                 "train a teacher on this dataset or pick the matching classes")
         for i, (a, b) in enumerate(zip(mine, theirs)):
-            if a != b:
+            if a != b and set(mine) == set(theirs):
                 raise TeacherMismatchError(
                     f"class order differs at index {i}: teacher {a!r} vs dataset {b!r}; "
                     "a teacher trained with another class order gives wrong labels")
+            if a != b:
+                raise TeacherMismatchError(
+                    f"class names differ at index {i}: teacher {a!r} vs dataset {b!r}; the "
+                    f"teacher was trained on other classes ({data_config.name} has "
+                    f"{', '.join(theirs[:3])}...): use a teacher of this dataset")
         if self.data_config.image_size != data_config.image_size:
             raise TeacherMismatchError(
                 f"teacher expects {self.data_config.image_size}px images, dataset has "
