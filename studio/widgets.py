@@ -102,13 +102,52 @@ def class_rows(x01: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
                 st.caption("no images")
 
 
+#: The knobs a newcomer tunes first, per method (the rest are shown under "Advanced").
+BASIC_KNOBS = {"nrrdd": ("iterations", "lr", "tau", "mask_mode", "alpha_bn", "mipc", "top_t"),
+               "sre2l": ("iterations", "lr", "r_bn"), "rded": ("mipc", "num_crops", "factor"),
+               "edf": ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "cpd_alpha",
+                       "dae_beta")}
+#: Knob names in words, with the papers' symbol where they have one (METHODS.md).
+KNOB_WORDS = {
+    "iterations": "optimisation steps", "lr": "learning rate η", "tau": "CAM threshold τ",
+    "mask_mode": "mask form", "alpha_bn": "BN-statistics loss weight α", "r_bn":
+    "BN-statistics loss weight α", "mipc": "candidate images per class", "top_t":
+    "boxes kept by CAM ratio t", "num_crops": "candidate crops per image m", "factor":
+    "patches per side", "syn_steps": "student steps per iteration N", "expert_epochs":
+    "expert epochs matched M", "max_start_epoch": "latest start epoch T⁺", "cpd_alpha":
+    "CPD weight α", "dae_beta": "DAE weight β", "min_scale": "smallest crop share"}
+
+
+def knob_label(f: dict) -> str:
+    """``"CAM threshold τ (tau)"``: the knob in words with its symbol, the field name (the CLI
+    flag) and the unit."""
+    unit = f" [{f['unit']}]" if f.get("unit") and f["unit"] not in ("1", None) else ""
+    words = KNOB_WORDS.get(f["name"])
+    return f"{words} ({f['name']}){unit}" if words else f"{f['name']}{unit}"
+
+
 def config_knobs(method: str, fields: list[dict], overrides: dict | None = None,
                  disabled: bool = False, columns: int = 3) -> dict:
     """Widgets generated from ``Config.describe()`` rows (fields with ``ui=False`` are left at
-    their default). Values persist for the session; ``overrides`` replace the published defaults for
-    fields the user has not touched yet (tiny mode, a reopened run). Returns ``{name: value}``."""
+    their default), the basic ones (:data:`BASIC_KNOBS`) first and the others under
+    "Advanced", each named in words with the paper's symbol (:func:`knob_label`). Values persist
+    for the session; ``overrides`` replace the published defaults for fields the user has not
+    touched yet (tiny mode, a reopened run). Returns ``{name: value}``."""
     overrides = overrides or {}
     shown = [f for f in fields if f.get("ui", True)]
+    basic = BASIC_KNOBS.get(method, ())
+    groups = [("Basic", [f for f in shown if f["name"] in basic]),
+              ("Advanced", [f for f in shown if f["name"] not in basic])]
+    values = {}
+    for title, group in groups:
+        if group:
+            st.markdown(f"**{title}**")
+            values.update(_knob_widgets(method, group, overrides, disabled, columns))
+    return values
+
+
+def _knob_widgets(method: str, shown: list[dict], overrides: dict, disabled: bool,
+                  columns: int) -> dict:
     cols = st.columns(columns)
     values = {}
     for i, f in enumerate(shown):
@@ -116,10 +155,9 @@ def config_knobs(method: str, fields: list[dict], overrides: dict | None = None,
         default = overrides.get(f["name"], f["default"])
         if key not in st.session_state:
             st.session_state[key] = default
-        unit = f" [{f['unit']}]" if f.get("unit") and f["unit"] != "1" else ""
         help_ = f"{f.get('doc') or ''} · default {f['default']!r}" + (
             f" ({f['source']})" if f.get("source") else "")
-        label = f"{f['name']}{unit}"
+        label = knob_label(f)
         lo, hi = f.get("lo"), f.get("hi")
         with cols[i % columns]:
             if f.get("choices"):

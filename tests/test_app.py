@@ -176,6 +176,10 @@ def test_explorer_offers_only_layers_that_work_and_keeps_the_view_on_error(teach
 # ---- Refine ---------------------------------------------------------------------------------
 def test_refine_runs_to_completion_and_saves(teacher_path, tmp_path):
     at = app(teacher_path, "3_refine", classes=["circle", "square"])
+    # knobs in words with the paper's symbol, basic ones first
+    assert at.slider(key="knob.nrrdd.tau").label == "CAM threshold τ (tau)"
+    marks = [m.value for m in at.markdown]
+    assert marks.index("**Basic**") < marks.index("**Advanced**")
     at.button(key="refine_start").click().run()
     poll(at, lambda a: progress_text(a).startswith(("done", "error")))
     assert progress_text(at).startswith("done"), [e.value for e in at.error]
