@@ -113,7 +113,8 @@ def markdown(doc: dict) -> str:
         f"load average {(m.get('loadavg') or ['?'])[0]}.", "",
         common.md_table(["lr_img", "pixel values outside [0,1]", "max distance to [0,1]",
                          "top-1 % float tensor (per seed)", "top-1 % 8-bit PNG (per seed)",
-                         "float - PNG (points)"], rows), ""])
+                         "float - PNG (points)"], rows), ""]
+        + ([*(f"- {n}" for n in doc["notes"]), ""] if doc.get("notes") else []))
 
 
 def main(argv: list[str] | None = None) -> int:
