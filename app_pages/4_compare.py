@@ -32,7 +32,7 @@ st.write("Distil the chosen classes with every method (published defaults, the s
 def restore(params: dict) -> None:
     """Put a comparison's settings back into the widgets (a reload or a new session)."""
     for key, name in ((K.COMPARE_METHODS, "methods"), (K.COMPARE_EPOCHS, "epochs"),
-                      (K.COMPARE_RECOMPUTE, "recompute")):
+                      (K.COMPARE_RECOMPUTE, "recompute"), (K.COMPARE_BUDGET, "budget")):
         if name in params:
             st.session_state[key] = params[name]
 
@@ -45,10 +45,29 @@ st.session_state[K.COMPARE_METHODS] = [m for m in st.session_state.get(
     K.COMPARE_METHODS, available) if m in available]
 methods = st.multiselect("Methods", available, key=K.COMPARE_METHODS, disabled=running,
                          format_func=lambda m: LABELS.get(m, m), persist_state="session")
+
+
+def budget_changed() -> None:
+    """A budget preset also sets its student epochs (1 in tiny mode)."""
+    st.session_state[K.COMPARE_EPOCHS] = 1 if settings.tiny() else \
+        runners.BUDGETS[st.session_state[K.COMPARE_BUDGET]][1]
+
+
+budget = st.radio("Budget", list(runners.BUDGETS), key=K.COMPARE_BUDGET, horizontal=True,
+                  index=0, disabled=running, on_change=budget_changed,
+                  format_func=lambda b: f"{b} ({runners.BUDGETS[b][0]:.0%} of the published "
+                  f"steps, {runners.BUDGETS[b][1]} student epochs)", persist_state="session",
+                  help="The share of each method's published optimisation steps and candidate "
+                       "images per class, and the student epochs of the quick check.")
+share = runners.BUDGETS[budget][0]
+estimate = runners.compare_estimate(cache.compare_store(), ctx.setup, ctx.classes, methods, share)
+st.caption("Estimated time: " + (f"about {widgets.duration(estimate)} (from earlier runs of "
+                                 "these methods on this setup)" if estimate else
+                                 "known after a first run of these methods on this setup."))
 c = st.columns([1, 1, 2], vertical_alignment="bottom")
 b = c[2].container(horizontal=True)
 if K.COMPARE_EPOCHS not in st.session_state:
-    st.session_state[K.COMPARE_EPOCHS] = 1 if settings.tiny() else 10
+    budget_changed()
 epochs = c[0].number_input("Student epochs (quick check)", 1, 300, key=K.COMPARE_EPOCHS,
                            help="METHODS.md §1.4 trains 300 epochs; a few give a quick ranking.",
                            persist_state="session")
@@ -58,12 +77,12 @@ if b.button("Run comparison", key=K.COMPARE_START, type="primary", disabled=runn
                icon=":material/play_arrow:"):
     eval_cfg = {"epochs": int(epochs)}
 
-    def work(j, ctx=ctx, eval_cfg=eval_cfg, recompute=recompute, methods=methods):
+    def work(j, ctx=ctx, eval_cfg=eval_cfg, recompute=recompute, methods=methods, share=share):
         return runners.compare(j, methods, ctx.teacher, ctx.bundle, ctx.classes, ctx.setup,
-                               eval_cfg, cache.compare_store(), recompute)
+                               eval_cfg, cache.compare_store(), recompute, budget=share)
 
     job = jobs.start("compare", work, {"epochs": int(epochs), "methods": list(methods),
-                                       "recompute": bool(recompute)})
+                                       "recompute": bool(recompute), "budget": budget})
     widgets.keep_job(K.COMPARE_JOB, job)
     st.rerun()
 b.button("Stop comparison", key=K.COMPARE_STOP, disabled=not running,

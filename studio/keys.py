@@ -79,6 +79,7 @@ REFINE_GIF = "refine_gif"      # download of the run's pictures as an animated G
 # ---- Compare / Evaluate / Runs ---------------------------------------------------------------
 COMPARE_METHODS = "compare_methods"
 COMPARE_EPOCHS = "compare_epochs"
+COMPARE_BUDGET = "compare_budget"  # quick | standard | paper
 COMPARE_START = "compare_start"
 COMPARE_STOP = "compare_stop"
 COMPARE_SAVE = "compare_save"

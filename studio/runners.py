@@ -150,9 +150,48 @@ def steps_per_second(history: list[dict], window: int = 20) -> float:
     return len(secs) / sum(secs) if secs else float("nan")
 
 
+#: Compare budgets: name -> (share of each method's published step counts
+#: :data:`SCALED_FIELDS`, student epochs of the quick check).
+BUDGETS = {"quick": (0.1, 10), "standard": (0.3, 30), "paper": (1.0, 300)}
+#: Config fields scaled by a budget: optimisation steps and candidate images per class
+#: (the selection phase).
+SCALED_FIELDS = ("iterations", "mipc")
+
+
+def budget_config(fields: list[dict], share: float) -> dict:
+    """Config overrides of a method for a Compare budget: :data:`SCALED_FIELDS` at ``share`` of
+    their default (at least their lower bound, and never above the tiny-mode value)."""
+    from .settings import method_overrides
+
+    out = method_overrides(fields)
+    for f in fields:
+        if f["name"] in SCALED_FIELDS and isinstance(f["default"], int) \
+                and not isinstance(f["default"], bool):
+            base = out.get(f["name"], f["default"])
+            out[f["name"]] = min(base, max(int(f.get("lo") or 1), round(f["default"] * share)))
+    return out
+
+
+def compare_estimate(store: dict, s: Setup, classes: list[int], methods: list[str],
+                     share: float) -> float | None:
+    """Seconds a comparison of ``methods`` at budget ``share`` should take, from the times of
+    earlier results in ``store`` on the same setup (distillation scaled by the budget ratio, the
+    student check as it took); None when a method has none yet."""
+    total = 0.0
+    for name in methods:
+        times = [(r["seconds"] * share / key[-1] + r.get("eval_seconds", 0.0))
+                 for key, r in store.items() if len(key) == 7 and key[:4] == (
+                     s.teacher_key, tuple(classes), s.ipc, s.seed) and key[4] == name
+                 and key[-1]]
+        if not times:
+            return None
+        total += min(times)
+    return total
+
+
 def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, eval_cfg: dict, store: dict,
-            recompute: bool = False) -> dict:
+            recompute: bool = False, budget: float = 1.0) -> dict:
     """Distil the chosen classes with each method (published defaults, same teacher and seed), add the
     random real subset of the same size (:func:`nrrdd_core.compare.compare_methods`, with one
     quick student protocol for every set), and measure each set
@@ -168,15 +207,14 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
     from nrrdd_core.methods import get_method
     from nrrdd_core.metrics import set_metrics
 
-    from .settings import method_overrides
-
     t = copy.deepcopy(teacher)
     ecfg = EvalConfig.from_dict(eval_cfg)
     results: dict = {}
     job.progress(total=len(methods) + 1)
 
     def key(name: str) -> tuple:
-        return (s.teacher_key, tuple(classes), s.ipc, s.seed, name, tuple(sorted(eval_cfg.items())))
+        return (s.teacher_key, tuple(classes), s.ipc, s.seed, name,
+                tuple(sorted(eval_cfg.items())), budget)
 
     def distil(name: str, config: dict) -> DistilledSet | None:
         r = distill(job, name, config, teacher, bundle, classes, s, frames=False)
@@ -202,6 +240,7 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
                 "images": x, "labels": y, "seconds": r.distilled.seconds,
                 "manifest": r.distilled.info.get("manifest"), "extras": r.distilled.extras,
                 **set_metrics(t, x, y), "student_acc": ev.final_acc, "student_best": ev.best_acc,
+                "eval_seconds": ev.seconds,
                 "label_bytes": paper_label_bytes(len(x), 300, bundle.num_classes),
                 "diagnostics": diag, **quick_check(ev.config, len(x), len(classes))}
         job.progress(step=len(results), frame={"results": dict(results)})
@@ -210,7 +249,7 @@ def compare(job: Job, methods: list[str], teacher: Teacher, bundle: DatasetBundl
         if what == "evaluate":
             job.progress(message=f"{name}: measuring and training a student ({ecfg.epochs} epochs)")
 
-    configs = {m: method_overrides(get_method(m).Config.describe()) for m in methods}
+    configs = {m: budget_config(get_method(m).Config.describe(), budget) for m in methods}
     # the app's policy: one quick student protocol for every set (EDF's own protocol is on the
     # Evaluate page)
     compare_methods(methods, t, bundle, classes, s.ipc, s.seed, ecfg, s.device, configs=configs,

@@ -320,6 +320,7 @@ def test_refine_failure_is_shown_and_app_stays_usable(teacher_path):
 # ---- Compare --------------------------------------------------------------------------------
 def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
     at = app(teacher_path, "4_compare", classes="circle")
+    assert any(c.value.startswith("Estimated time: known after") for c in at.caption)
     header = [m.value for m in at.markdown if m.value.startswith("**") and "  \n" in m.value]
     assert len(header) == len(list_methods()) + 1
     quick = [m for m in list_methods() if m != "edf"]  # EDF first trains expert trajectories
@@ -335,6 +336,8 @@ def test_compare_shows_one_column_per_method_plus_random_real(teacher_path):
                for c in at.caption)
     assert any("too short to rank" in w.value for w in at.warning)
     assert len(at.get("download_button")) == 1  # the grid as a PNG figure
+    assert at.radio(key="compare_budget").value == "quick"
+    assert any(c.value.startswith("Estimated time: about") for c in at.caption)  # known now
     at.button(key="compare_save").click().run()  # every set is saved, the random one too
     saved = sorted(p.name for p in (Path(os.environ["NRRDD_RUNS"])).iterdir())
     assert len(saved) == len(quick) + 1 and all("_shapes_ipc1_" in n for n in saved), saved
@@ -347,6 +350,19 @@ def test_quick_check_counts_optimiser_steps_and_flags_short_checks():
     assert q == {"opt_steps": 9, "chance": 0.25, "too_short": True}
     long = quick_check({"epochs": MIN_RANKING_STEPS, "batch_size": 10}, 10, 4)
     assert long["opt_steps"] == MIN_RANKING_STEPS and not long["too_short"]
+
+
+def test_compare_budgets_scale_the_published_step_counts(monkeypatch):
+    from nrrdd_core.methods import get_method
+    from studio.runners import BUDGETS, budget_config
+    monkeypatch.delenv("NRRDD_STUDIO_TINY")
+    fields = get_method("nrrdd").Config.describe()
+    default = {f["name"]: f["default"] for f in fields}
+    quick = budget_config(fields, BUDGETS["quick"][0])
+    assert quick["iterations"] == round(0.1 * default["iterations"])
+    assert quick["mipc"] == round(0.1 * default["mipc"])
+    assert budget_config(fields, BUDGETS["paper"][0]) == {"iterations": default["iterations"],
+                                                          "mipc": default["mipc"]}
 
 
 def test_compare_reattaches_with_its_settings_after_a_reload(teacher_path, monkeypatch):
