@@ -1,5 +1,7 @@
 """Setup: dataset, classes, teacher, device. Everything here is kept in the URL."""
 
+from pathlib import Path
+
 import streamlit as st
 import torch
 
@@ -80,6 +82,12 @@ with left:
         bundle = cache.bundle(s.data_key)
     except (NrrddError, OSError) as exc:
         st.error(f"Cannot load this dataset: {exc}")
+        if ds == "npz":  # a wrong file name: say which .npz files the folder has
+            folder = Path(st.session_state.get(K.DS_ROOT) or ".").expanduser()
+            found = sorted(p.name for p in folder.glob("*.npz")) if folder.is_dir() else []
+            st.info(f"The .npz files in `{folder}`: {', '.join(found)}." if found else
+                    f"No .npz files in `{folder}`" + ("" if folder.is_dir() else
+                                                      " (no such folder)") + ".")
         st.stop()
     cfg = bundle.config
     st.caption(f"{cfg.num_classes} classes · {len(bundle.train):,} training and "
@@ -157,7 +165,7 @@ with right:
         st.text_input("…or a checkpoint path on this machine", key=K.TEACHER_PATH, **PERSIST)
     elif kind == "resnet_cifar":
         st.text_input("Checkpoint path", key=K.TEACHER_PATH,
-                      placeholder="../shared/data/cifar10_resnet20_akamaster.th", **PERSIST)
+                      placeholder="not set: type the path of a .th or .pt file", **PERSIST)
         keep_valid(K.TEACHER_ARCH, CIFAR_ARCHS)
         st.selectbox("Architecture", CIFAR_ARCHS, key=K.TEACHER_ARCH, **PERSIST)
     elif kind == "pretrained":

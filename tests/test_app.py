@@ -107,6 +107,14 @@ def test_setup_shows_teacher_accuracy_and_is_kept_in_the_url(teacher_path):
     assert at.query_params["ipc"] == "5" and at.query_params["classes"] == ["circle", "star"]
 
 
+def test_setup_lists_the_npz_files_present_when_a_file_name_is_wrong(tmp_path):
+    import numpy as np
+    np.savez(tmp_path / "mine_train.npz", x=np.zeros((1, 4, 4, 3), np.uint8), y=np.zeros(1))
+    at = app(None, None, ds="npz", root=str(tmp_path), train_file="nope.npz")
+    assert any("Cannot load" in e.value for e in at.error)
+    assert any("mine_train.npz" in i.value for i in at.info)
+
+
 def test_setup_refuses_a_teacher_with_another_class_order(tmp_path):
     names = list(load_dataset("shapes", **TINY_DATA).config.class_names)
     names[0], names[1] = names[1], names[0]
