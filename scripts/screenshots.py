@@ -6,6 +6,7 @@ Usage::
     python scripts/screenshots.py   # docs/img/*.png: built-in dataset, shipped teacher
     python scripts/screenshots.py --full     # tiny settings; also runs Compare and Evaluate
     python scripts/screenshots.py --out /tmp/shots --query "teacher=file&teacher_path=t.pt"
+    python scripts/screenshots.py --cifar    # the README's: real CIFAR-10, 10 classes, ResNet-20
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 1000}
+#: Setup of the README's screenshots: CIFAR-10 .npz files and the public ResNet-20 (akamaster).
+CIFAR_QUERY = ("ds=npz&root={data}&teacher=resnet_cifar&teacher_path={data}/"
+               "cifar10_resnet20_akamaster.th&teacher_arch=resnet20_cifar")
 SHOT_VIEWPORT = {"width": 1400, "height": 1800}
 
 
@@ -178,8 +182,9 @@ def wait_done(page, timeout: float = 900.0) -> None:
 
 
 def walk(page, base: str, query: str = "", shots: Path | None = None,
-         iterations: int | None = None, full: bool = False) -> dict:
-    """The user walk: Setup (choose a class) -> Explorer (move tau) -> Refine (start, watch the
+         iterations: int | None = None, full: bool = False,
+         class_name: str | None = "circle") -> dict:
+    """The user walk: Setup (choose ``class_name`` unless None) -> Explorer (move tau) -> Refine (start, watch the
     images change twice, stop, save) -> Compare -> Evaluate -> Runs, with a screenshot of each
     page when ``shots`` is a folder; ``full`` also runs the comparison and an evaluation.
     Returns a few observations for tests."""
@@ -197,7 +202,8 @@ def walk(page, base: str, query: str = "", shots: Path | None = None,
     page.goto(f"{base}/{'?' + query if query else ''}")
     page.get_by_role("heading", name="Setup", exact=True).wait_for()
     idle(page)
-    choose_class(page, "circle")
+    if class_name:
+        choose_class(page, class_name)
     out["url_after_class"] = page.url
     shot("setup")
 
@@ -242,12 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query", default="", help="URL query of the setup (default: built-in)")
     ap.add_argument("--full", action="store_true",
                     help="tiny settings (NRRDD_STUDIO_TINY=1) and also run Compare and Evaluate")
+    ap.add_argument("--cifar", action="store_true",
+                    help="real CIFAR-10 (all 10 classes) with the public ResNet-20 from "
+                         "../shared/data (the README's screenshots)")
     args = ap.parse_args(argv)
     env = {"NRRDD_STUDIO_TINY": "1"} if args.full else {}
+    if args.cifar:
+        data = (REPO.parent / "shared" / "data").resolve()
+        args.query = "&".join(filter(None, [CIFAR_QUERY.format(data=data), args.query]))
     with tempfile.TemporaryDirectory() as runs, serve({**env, "NRRDD_RUNS": runs}) as (base, _), \
             browser() as page:
         walk(page, base, args.query, shots=args.out, iterations=3000 if args.full else None,
-             full=args.full)
+             full=args.full, class_name=None if args.cifar else "circle")
     print(f"screenshots in {args.out}")
     return 0
 
