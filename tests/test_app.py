@@ -237,7 +237,7 @@ def test_live_frames_are_made_at_a_bounded_rate_and_only_while_watched(teacher_p
               "", "cpu", 2, 0)
     cfg = {"iterations": 300, "mipc": 4, "num_crops": 2}
     for watched in (False, True):
-        monkeypatch.setattr(jobs.Job, "watched_recently", lambda self, within=2.0: watched)
+        monkeypatch.setattr(jobs.Job, "watched_recently", lambda self, within=2.0, w=watched: w)
         job = jobs.Job("x", "refine")
         t0 = time.perf_counter()
         res = runners.distill(job, "nrrdd", cfg, t, b, [0], s)
