@@ -127,6 +127,21 @@ def watch_closed(page, window: float) -> dict:
     return {"steps_per_s": (n1 - n0) / (t1 - t0), "window_s": t1 - t0}
 
 
+def wait_for_refinement(page, timeout: float = 1800.0, every: float = 10.0) -> None:
+    """Wait, with Refine live mostly closed (the selection phase is not what is measured), until
+    the run is in its refinement phase: look every ``every`` s."""
+    end = time.time() + timeout
+    phase = page.locator('[data-testid="stMetric"]').filter(has_text="Phase")
+    while not phase.filter(has_text="refine").count():
+        if time.time() > end:
+            raise TimeoutError("the run did not reach its refinement phase")
+        shots.goto_page(page, "Runs")
+        page.wait_for_timeout(every * 1000)
+        page.get_by_role("link", name="Refine live", exact=True).first.click()
+        page.locator('[data-testid="stProgress"]').first.wait_for()
+        page.wait_for_timeout(1000)
+
+
 @contextlib.contextmanager
 def busy(n: int):
     """``n`` competing processes spinning on the CPU (a busy shared machine)."""
@@ -151,8 +166,8 @@ def live_throughput(page, base: str, query: str, window: float, iterations: int 
     shots.idle(page)
     shots.set_number(page, "iterations", iterations or 100000)
     page.get_by_role("button", name="Start refinement").click()
-    page.locator('[data-testid="stMetric"]').filter(has_text="Phase").filter(
-        has_text="refine").wait_for(timeout=900_000)  # after CIDD
+    page.locator('[data-testid="stProgress"]').first.wait_for()
+    wait_for_refinement(page)
     page.wait_for_timeout(1000)
     cases = {}
     for load, n in (("quiet", 0), ("busy", hogs)):
