@@ -1,5 +1,7 @@
 """Refine live: run a method step by step and watch the images change."""
 
+import importlib
+import threading
 import time
 
 import streamlit as st
@@ -7,7 +9,7 @@ import streamlit as st
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.export import default_runs_root, load_run, save_run
 from nrrdd_core.methods import get_method, list_methods
-from studio import diagnostics, frames, jobs, reopen, runners, settings, widgets
+from studio import diagnostics, frames, jobs, reopen, runners, settings, warm, widgets
 from studio import keys as K
 
 #: Seconds between two polls of the live view (each re-sends the latest picture: cheap).
@@ -18,8 +20,24 @@ METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "S
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
                  "matching + CPD + DAE)"}
 
+
+
+@st.cache_resource(show_spinner=False)
+def warm_optimiser() -> threading.Thread:
+    """Once per process, in the background: the imports of a run's first optimiser step
+    (:data:`studio.warm.BEFORE_A_RUN`), done while the user looks at the settings."""
+    def work() -> None:
+        for name in warm.BEFORE_A_RUN:
+            importlib.import_module(name)
+
+    thread = threading.Thread(target=work, name="nrrdd-warm-optimiser", daemon=True)
+    thread.start()
+    return thread
+
+
 st.title("Refine live")
 ctx = widgets.require_context()
+warm_optimiser()
 
 # ---- a run reopened from the Runs page: show it and load its settings into the knobs ---------
 opened = st.session_state.get(K.OPEN_RUN)

@@ -15,13 +15,15 @@ import time
 
 log = logging.getLogger(__name__)
 
-#: Modules the first page needs (imported first), then the ones later pages import. Last,
-#: ``torch._dynamo``: the first ``torch.optim`` optimiser of a process imports it (about 870
-#: modules, sympy included: 3 s on 2 cores, far more while a page polls), which stalled a live
-#: run's first refinement step.
+#: Modules the first page needs (imported first), then the ones later pages import.
 FIRST = ("torch", "nrrdd_core.data", "nrrdd_core.models", "nrrdd_core.cam")
 LATER = ("PIL.Image", "pandas", "plotly.graph_objects", "plotly.express", "nrrdd_core.methods",
-         "nrrdd_core.export", "nrrdd_core.evaluate", "torch._dynamo")
+         "nrrdd_core.export", "nrrdd_core.evaluate")
+#: Imported in the background when Refine live is first opened (not at start-up, where it
+#: would compete with the first page): the first ``torch.optim`` optimiser of a process
+#: imports ``torch._dynamo`` (about 870 modules, sympy included: 3 s on 2 cores, far more
+#: while a page polls), which stalled a live run's first refinement step.
+BEFORE_A_RUN = ("torch._dynamo",)
 
 #: Images in the warm-up CAM batch: the explorer's default grid (10 classes x 4 images).
 WARM_BATCH = 40
