@@ -232,7 +232,12 @@ def ui_markdown(doc: dict) -> str:
              f"{len(tau['runs'])})", "<= 0.5 s", "yes" if tau["median"] <= 0.5 else "no"],
             ["UI updates during live NRR-DD refinement", f"{live['updates_per_s']:.1f} per s over "
              f"{live.get('window_s', 10):.0f} s, at {live['steps_per_s']} refinement steps per s",
-             ">= 2 per s", "yes" if live["updates_per_s"] >= 2 else "no"]]
+             ">= 2 per s", "yes" if live["updates_per_s"] >= 2 else "no"],
+            *([["refinement steps per s with Refine live open / closed (worst of default and "
+                "4 classes x IPC 2, quiet and with competing busy processes)",
+                f"{doc['live_view_throughput_ratio']:.2f}", ">= 0.8",
+                "yes" if doc["live_view_throughput_ratio"] >= 0.8 else "no"]]
+              if "live_view_throughput_ratio" in doc else [])]
     return "\n".join([f"Command: `{doc['command']}` (real Chromium via Playwright, built-in defaults, "
                       f"shipped teacher). Load average {doc['load_avg_before'][0]:.1f} at start, "
                       f"{doc['cpu_count']} CPUs.", "",
