@@ -45,6 +45,19 @@ def keep_valid(key: str, options: list, default=None) -> None:
         st.session_state[key] = default if default in options else options[0]
 
 
+def fitting_arch(s) -> str | None:
+    """The first CIFAR ResNet depth whose architecture loads the setup's checkpoint, if any."""
+    for arch in CIFAR_ARCHS:
+        if arch == s.teacher_arch:
+            continue
+        try:
+            cache.teacher((s.teacher, s.teacher_path, arch, s.device, s.data_key))
+        except (NrrddError, KeyError, OSError, RuntimeError):
+            continue
+        return arch
+    return None
+
+
 st.title("Setup")
 st.write("Choose the data, the classes and the teacher. Every page uses this setup, and the URL "
          "keeps it: copy the link to reopen the same view.")
@@ -184,6 +197,13 @@ with right:
             teacher = cache.teacher(s.teacher_key)
         except (NrrddError, KeyError, OSError) as exc:
             st.error(f"Cannot load the teacher: {exc}")
+            if kind == "resnet_cifar":  # another depth may fit the checkpoint: say which
+                fits = fitting_arch(s)
+                if fits:
+                    st.info(f"This checkpoint fits **{fits}**.")
+                    st.button(f"Use {fits}", key=K.TEACHER_SUGGEST, icon=":material/check:",
+                              on_click=lambda a=fits: st.session_state.__setitem__(
+                                  K.TEACHER_ARCH, a))
     if teacher is not None:
         n_params = sum(p.numel() for p in teacher.model.parameters())
         try:

@@ -47,6 +47,7 @@ TRAIN_EPOCHS = "train_epochs"  # teacher training: epochs
 TRAIN_START = "train_start"    # teacher training: start button
 TRAIN_STOP = "train_stop"      # teacher training: stop button
 TRAIN_CURVE = "train_curve"    # teacher training: accuracy chart
+TEACHER_SUGGEST = "teacher_suggest"  # button: use the architecture that fits the checkpoint
 
 # ---- Grad-CAM explorer -----------------------------------------------------------------------
 CAM_METHOD = "cam_method"

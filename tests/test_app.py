@@ -532,6 +532,16 @@ def test_cifar10_npz_with_the_public_resnet20(shared_data):
     assert not at.exception and metric(at, "Images") == "4"
 
 
+def test_setup_suggests_the_architecture_that_fits_a_checkpoint(shared_data):
+    at = app(None, None, ds="npz", root=str(shared_data), teacher="resnet_cifar",
+             teacher_path=str(shared_data / "cifar10_resnet20_akamaster.th"),
+             teacher_arch="resnet32_cifar", classes="cat")
+    assert any("Cannot load the teacher" in e.value for e in at.error)
+    assert any("fits **resnet20_cifar**" in i.value for i in at.info)
+    at.button(key="teacher_suggest").click().run()
+    assert any("Matches the dataset" in s.value for s in at.success), [e.value for e in at.error]
+
+
 def test_startup_warm_up_loads_the_default_setup(caplog):
     import logging
 
