@@ -80,6 +80,20 @@ def test_cidd_keeps_the_lowest_confidence_of_its_reading(confidence, teacher, bu
     d.close()
 
 
+def test_max_prob_selection_direction(teacher, bundle):
+    """max_prob (the default): select=lowest keeps patches whose top class probability is lower
+    than select=highest's."""
+    top = {}
+    for sel in ("lowest", "highest"):
+        d = _make("nrrdd", teacher, bundle, select=sel)
+        assert d.config.confidence == "max_prob"
+        while d.step_index < d.select_steps:
+            d.step()
+        top[sel] = teacher.predict01(d.images()[0]).max(1).values.mean()
+        d.close()
+    assert top["lowest"] < top["highest"]
+
+
 def test_confidence_changes_the_selection(teacher, bundle):
     a = _make("nrrdd", teacher, bundle, confidence="true_class", iterations=1)
     b = _make("nrrdd", teacher, bundle, confidence="max_prob", iterations=1)

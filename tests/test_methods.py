@@ -297,9 +297,10 @@ def test_nrrdd_tau_one_binary_moves_every_pixel(teacher, bundle):
 
 
 def test_nrrdd_selection_direction(teacher, bundle):
-    """select=lowest picks harder (higher-CE) patches than select=highest."""
-    lo = _make("nrrdd", teacher, bundle, select="lowest")
-    hi = _make("nrrdd", teacher, bundle, select="highest")
+    """select=lowest picks harder (higher-CE) patches than select=highest (true-class reading;
+    the max_prob reading: tests/test_diagnostics.py)."""
+    lo = _make("nrrdd", teacher, bundle, select="lowest", confidence="true_class")
+    hi = _make("nrrdd", teacher, bundle, select="highest", confidence="true_class")
     ce = {}
     for name, d in (("lo", lo), ("hi", hi)):
         while d.step_index < d.select_steps:

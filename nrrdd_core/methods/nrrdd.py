@@ -89,10 +89,11 @@ class NRRDDConfig(RefineConfig, PatchSelectionConfig):
                        lo=1, source="ours")
     select: str = param("lowest", "keep the lowest-confidence (hardest) or highest-confidence "
                         "patches", choices=("lowest", "highest"), source="paper (appendix C)")
-    confidence: str = param("true_class", "CIDD confidence of a patch: the teacher's probability "
-                            "of its own class (true_class) or its highest probability over all "
-                            "classes (max_prob, the paper's wording)", choices=CONFIDENCES,
-                            source="paper (CIDD: 'the highest prediction probability') / ours")
+    confidence: str = param("max_prob", "CIDD confidence of a patch: its highest probability over "
+                            "all classes (max_prob, the paper's wording) or the teacher's "
+                            "probability of its own class (true_class)", choices=CONFIDENCES,
+                            source="paper (CIDD: 'the highest prediction probability'; "
+                            "docs/RESULTS.md) / ours (true_class)")
     label_refine_weight: float = param(0.0, "weight of the label-refinement term: the teacher's "
                                        "prediction on a CutMix of two refined images should "
                                        "concentrate on their two classes (0 = off)", unit="1",
