@@ -5,6 +5,7 @@ pass. Tiny settings: seconds on a CPU."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_gpu_check_dry_run(tmp_path):
 
     from conftest import REPO
 
-    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "NRRDD_TEST_DEVICE": "cpu"}
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "NRRDD_TEST_DEVICE": "cpu",
+           "PYTHON": sys.executable}
     p = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO,
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
