@@ -213,7 +213,9 @@ copy (quality 75; mean absolute error 5.8/255 against the original pixels). Teac
 are trained and tested within that JPEG domain. The published figures (METHODS.md §6) were
 obtained on the original 50,000 training images at full budgets, so they are an orientation, not
 a target for the reduced budgets below. The pretrained ResNet-20 was trained on original pixels
-(91.6 % there, about 81 % on the JPEG test set).
+(91.6 % there, about 81 % on the JPEG test set), so the like-with-like study uses it only on the
+original-pixel files (`cifar10_exact_train_prefix.npz`, 5,438 images, 523-572 per class;
+`cifar10_exact_test_prefix.npz`, the first 1,017 test images).
 """
 
 
@@ -281,7 +283,8 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
     studies = [d for d in study.load_docs(results_dir) if d.get("study") != "tiny"]
     if studies:
         parts += ["## Accuracy, like with like (each teacher in its own pixel domain)", "",
-                  studies[0]["note"], "", study_markdown(studies)]
+                  getattr(study.STUDIES.get(studies[0]["study"]), "note", studies[0]["note"]), "",
+                  study_markdown(studies)]
         notes = results_dir / f"study_{studies[0]['study']}.notes.md"  # a person's notes
         if notes.is_file():
             parts.append(notes.read_text().strip() + "\n")

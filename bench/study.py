@@ -348,7 +348,9 @@ def merge(docs: list[dict]) -> dict:
             if r["variant"] not in rows or r["n"] > rows[r["variant"]]["n"]:
                 rows[r["variant"]] = r
     out["rows"] = sorted(rows.values(), key=lambda r: order.get(r["variant"], len(order)))
-    out["status"] = "complete" if all(d["status"] == "complete" for d in docs) else "partial"
+    seeds = len(out.get("student_seeds") or [])
+    done = setting is not None and all(v.name in rows and rows[v.name]["n"] >= seeds for v in setting.variants)
+    out["status"] = "complete" if done or all(d["status"] == "complete" for d in docs) else "partial"
     out["commands"] = [d["command"] for d in docs]
     diag = {k: v for d in docs for k, v in (d.get("diagnostics") or {}).items()}
     if diag:
