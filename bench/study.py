@@ -124,8 +124,8 @@ STUDIES = {
              "seeds, KD protocol 15 epochs (published 300) with RandAugment on every row, tested "
              "after the last epoch; NRR-DD 30 / 100 refinement iterations (published 2000); RDED "
              "and CIDD score 300 real images per class (as published; the exact files hold "
-             "523-572 per class); ConvNet-BN teacher 3 epochs (published 200; the shared 2-core machine "
-             "ran 8 agents at a load average of 15-23, so no longer teacher fitted the time)."),
+             "523-572 per class). The ConvNet-BN-on-JPEG setting (teacher 3 epochs, published 200) is "
+             "defined but did not fit the time on the shared machine (see the notes)."),
     "tiny": StudyBudget(
         name="tiny", ipc=1, distill_seed=0, student_seeds=(0, 1), eval_epochs=1, randaugment=True,
         nrrdd={"mipc": 4, "images_per_step": 4},
