@@ -25,6 +25,8 @@ FRAME_INTERVAL = 0.35
 #: next one waits at least ``c / FRAME_BUDGET`` s (so drawing never takes more than about 5 % of
 #: the run, however large the set or slow the machine).
 FRAME_BUDGET = 0.05
+#: The budget never spaces two frames more than this many seconds apart.
+MAX_FRAME_WAIT = 3.0
 #: While nobody watches (no page polled the job for :data:`WATCH_TIMEOUT` s) a frame is still
 #: made every :data:`UNWATCHED_INTERVAL` s, so a page that reattaches finds a recent one.
 WATCH_TIMEOUT = 2.0
@@ -107,13 +109,14 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             due = now - last >= (wait if job.watched_recently(WATCH_TIMEOUT)
                                  else max(wait, UNWATCHED_INTERVAL))
             if frames and (d.done or (since >= every and due)):
+                cpu = time.thread_time()
                 frame = snapshot(d, t, names)
                 job.progress(frame=frame)
                 if frame["rows"]:
                     job.add_film(frame["rows"][0]["png"])
-                cost = time.perf_counter() - now
+                cost = time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
                 last, since = time.perf_counter(), 0
-                wait = max(FRAME_INTERVAL, cost / FRAME_BUDGET)
+                wait = min(MAX_FRAME_WAIT, max(FRAME_INTERVAL, cost / FRAME_BUDGET))
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0
