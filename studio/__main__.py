@@ -12,6 +12,12 @@ from pathlib import Path
 
 # Before torch is imported (see app.py): idle OpenMP threads sleep instead of spinning.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Streamlit runs a full gc.collect(2) after every script run, fragment polls included; with
+# torch's object graph in the heap that holds the GIL for most of each poll and starves the
+# refinement worker thread (py-spy: 93% of GIL samples in ScriptRunner._on_script_finished).
+# Python's own generational GC still runs. .streamlit/config.toml says the same for
+# `streamlit run app.py`; this covers `nrrdd ui` from any folder.
+os.environ.setdefault("STREAMLIT_RUNNER_POST_SCRIPT_GC", "false")
 
 
 def app_script() -> Path:

@@ -21,9 +21,9 @@ from .setup import Setup
 
 #: Minimum seconds between two display frames of a live run (the page polls every 0.3 s).
 FRAME_INTERVAL = 0.35
-#: A frame may cost at most this share of the worker's time: after a frame that took ``c`` s the
-#: next one waits at least ``c / FRAME_BUDGET`` s (so drawing never takes more than about 5 % of
-#: the run, however large the set or slow the machine).
+#: Frames may cost at most this share of the worker's time: a frame is due only while the CPU
+#: the worker spent on frames so far is within ``FRAME_BUDGET`` of the run's time (so drawing
+#: never takes more than about 5 % of the run, however large the set or slow the machine).
 FRAME_BUDGET = 0.05
 #: The budget never spaces two frames more than this many seconds apart.
 MAX_FRAME_WAIT = 3.0
@@ -40,18 +40,33 @@ def teacher_ref(s: Setup) -> str:
     return str(s.teacher_ref.resolved())
 
 
-def snapshot(d, teacher: Teacher, class_names: list[str]) -> dict:
+#: Teacher-side figures of a frame (confidence, accuracy, the NRR-DD diagnostics: teacher and
+#: independent-model passes) are recomputed at most every this many seconds; frames in between
+#: carry the last ones, so a frame is mostly PNG encoding and frames can come often.
+SCORES_INTERVAL = 3.0
+
+
+def snapshot(d, teacher: Teacher, class_names: list[str], previous: dict | None = None) -> dict:
     """A display frame of a live run, made in the worker: the step, the labels, the teacher's
-    confidence and accuracy on the labels of the current images, and the image rows encoded
-    as PNG (:func:`studio.frames.image_rows`)."""
+    confidence and accuracy on the labels of the current images, the NRR-DD diagnostics, and
+    the image rows encoded as PNG (:func:`studio.frames.image_rows`). With ``previous`` (the
+    last frame, made less than :data:`SCORES_INTERVAL` s ago) the teacher-side figures are
+    carried over from it instead of recomputed."""
     x, y = d.images()
     frame = {"labels": y, "step": d.step_index, "steps_done": d.step_index}
-    if len(x):
+    fresh = previous is None or time.perf_counter() - previous.get("scored", 0.0) >= SCORES_INTERVAL
+    if not fresh:
+        for key in ("confidence", "accuracy", "diagnostics", "scored"):
+            if key in previous:
+                frame[key] = previous[key]
+    elif len(x):
         probs = teacher.predict01(x)
         frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
         frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
+    if fresh:
+        frame["diagnostics"] = diagnostics.frame_diagnostics(d, class_names)
+        frame["scored"] = time.perf_counter()
     frame["rows"] = image_rows({"images": x, "labels": y, **d.views()}, class_names)
-    frame["diagnostics"] = diagnostics.frame_diagnostics(d, class_names)
     return frame
 
 
@@ -87,7 +102,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t, names))
             with job.lock:
                 job.params["phases"] = phase_plan(d)
-        last, wait, since = time.perf_counter(), FRAME_INTERVAL, 0
+        last, spent, since, frame = time.perf_counter(), 0.0, 0, None
+        start = last
         phase, phase_start = None, 0
         while not d.done:
             if frames and since and job.pause_event.is_set():
@@ -106,17 +122,17 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.perf_counter()
-            due = now - last >= (wait if job.watched_recently(WATCH_TIMEOUT)
-                                 else max(wait, UNWATCHED_INTERVAL))
+            gap = FRAME_INTERVAL if job.watched_recently(WATCH_TIMEOUT) else UNWATCHED_INTERVAL
+            due = now - last >= gap and (spent <= FRAME_BUDGET * (now - start)
+                                         or now - last >= max(gap, MAX_FRAME_WAIT))
             if frames and (d.done or (since >= every and due)):
                 cpu = time.thread_time()
-                frame = snapshot(d, t, names)
+                frame = snapshot(d, t, names, previous=frame)
                 job.progress(frame=frame)
                 if frame["rows"]:
                     job.add_film(frame["rows"][0]["png"])
-                cost = time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
+                spent += time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
                 last, since = time.perf_counter(), 0
-                wait = min(MAX_FRAME_WAIT, max(FRAME_INTERVAL, cost / FRAME_BUDGET))
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0
