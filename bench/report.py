@@ -233,7 +233,7 @@ def ui_markdown(doc: dict) -> str:
             ["explorer redraw after a tau change, 40 images", f"{tau['median']:.2f} s (median of "
              f"{len(tau['runs'])})", "<= 0.5 s", "yes" if tau["median"] <= 0.5 else "no"],
             ["UI updates during live NRR-DD refinement", f"{live['updates_per_s']:.1f} per s over "
-             f"{live.get('window_s', 10):.0f} s, at {live['steps_per_s']} refinement steps per s",
+             f"{live.get('window_s', 10):.0f} s, at {live['steps_per_s']:.1f} refinement steps per s",
              ">= 2 per s", "yes" if live["updates_per_s"] >= 2 else "no"],
             *([["refinement steps per s with Refine live open / closed (worst of default and "
                 "4 classes x IPC 2, quiet and with competing busy processes)",
