@@ -298,6 +298,28 @@ def load_imagefolder(root: str | Path, image_size: int = 64, max_per_class: int 
                     "split": "folders" if train_dir != root else f"random {test_fraction}"})
 
 
+def _check_subset(subset: str) -> None:
+    if subset not in IMAGENET_SUBSETS:
+        raise ConfigError(f"unknown ImageNet subset {subset!r}; valid: {', '.join(IMAGENET_SUBSETS)}")
+
+
+def subset_wnids(train_dir: Path, subset: str, entry: str, other: str) -> list[str]:
+    """The wnid folders of ImageNet subset ``subset`` under ``train_dir``, in the subset's
+    published order (METHODS.md §7), for the dataset entry ``entry`` (``other`` names the entry
+    to use for trees that are not ImageNet-1k).
+
+    Raises:
+        ConfigError: an unknown subset.
+        DataError: ``train_dir`` does not hold the 1000 ImageNet-1k wnid folders.
+    """
+    _check_subset(subset)
+    wnids, _ = _classes(train_dir)
+    if len(wnids) != 1000:
+        raise DataError(f"{train_dir} has {len(wnids)} class folders; {entry} needs the "
+                        f"1000 ImageNet-1k wnid folders (use {other!r} for other trees)")
+    return [wnids[i] for i in IMAGENET_SUBSETS[subset]]
+
+
 @register_dataset("imagenet_subset")
 def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_size: int = 128,
                          max_per_class: int | None = None) -> DatasetBundle:
@@ -325,18 +347,13 @@ def load_imagenet_subset(root: str | Path, subset: str = "imagenette", image_siz
     """
     from torchvision.models import ResNet18_Weights
 
-    if subset not in IMAGENET_SUBSETS:
-        raise ConfigError(f"unknown ImageNet subset {subset!r}; valid: {', '.join(IMAGENET_SUBSETS)}")
+    _check_subset(subset)
     size = _check_size(image_size)
     cap = _check_cap(max_per_class)
     root = Path(root).expanduser()
     train_dir, val_dir = root / "train", root / "val"
-    wnids, _ = _classes(train_dir)
-    if len(wnids) != 1000:
-        raise DataError(f"{train_dir} has {len(wnids)} class folders; imagenet_subset needs the "
-                        "1000 ImageNet-1k wnid folders (use 'imagefolder' for other trees)")
+    chosen = subset_wnids(train_dir, subset, "imagenet_subset", "imagefolder")
     indices = IMAGENET_SUBSETS[subset]
-    chosen = [wnids[i] for i in indices]
     class_to_idx = {w: k for k, w in enumerate(chosen)}
     gen = torch.Generator().manual_seed(0)
     train, images, skipped = _decode(_samples(train_dir, class_to_idx), size, cap, gen)

@@ -31,7 +31,7 @@ from ..errors import ConfigError, DataError
 from . import register_dataset
 from .base import DataConfig, DatasetBundle, ImageSplit, to_float01
 from .imagefolder import (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_SUBSETS, Sample, _check_size,
-                          _classes, _samples, _split, load_rgb)
+                          _check_subset, _classes, _samples, _split, load_rgb, subset_wnids)
 from .npz import channel_stats
 
 log = logging.getLogger(__name__)
@@ -186,17 +186,12 @@ def load_imagenet_subset_stream(root: str | Path, subset: str = "imagenette", im
     """
     from torchvision.models import ResNet18_Weights
 
-    if subset not in IMAGENET_SUBSETS:
-        raise ConfigError(f"unknown ImageNet subset {subset!r}; valid: {', '.join(IMAGENET_SUBSETS)}")
+    _check_subset(subset)
     size, workers = _check_size(image_size), _check_workers(workers)
     root = Path(root).expanduser()
     train_dir, val_dir = root / "train", root / "val"
-    wnids, _ = _classes(train_dir)
-    if len(wnids) != 1000:
-        raise DataError(f"{train_dir} has {len(wnids)} class folders; imagenet_subset_stream needs "
-                        "the 1000 ImageNet-1k wnid folders (use 'imagefolder_stream' for others)")
+    chosen = subset_wnids(train_dir, subset, "imagenet_subset_stream", "imagefolder_stream")
     indices = IMAGENET_SUBSETS[subset]
-    chosen = [wnids[i] for i in indices]
     class_to_idx = {w: k for k, w in enumerate(chosen)}
     test = _samples(val_dir, class_to_idx) if val_dir.is_dir() else []
     tr = _nonempty(StreamingSplit(_samples(train_dir, class_to_idx), size, workers), train_dir, chosen)
