@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -32,3 +33,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """The bench modules (``bench("accuracy")`` ...), importable, with a private unit cache."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.setenv("NRRDD_BENCH_CACHE", str(tmp_path / "bench_cache"))
+    return lambda name: importlib.import_module(name)

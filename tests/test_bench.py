@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture
-def bench(monkeypatch, tmp_path):
-    """The bench modules, importable, with a private unit cache."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.setenv("NRRDD_BENCH_CACHE", str(tmp_path / "bench_cache"))
-    return lambda name: importlib.import_module(name)
 
 
 def test_speed_tiny_writes_every_method(bench, tmp_path):

@@ -3,20 +3,7 @@ tiny setting, and its report."""
 
 from __future__ import annotations
 
-import importlib
 import json
-from pathlib import Path
-
-import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture
-def bench(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.setenv("NRRDD_BENCH_CACHE", str(tmp_path / "bench_cache"))
-    return lambda name: importlib.import_module(name)
 
 
 def test_study_tiny_rows_seeds_diagnostics_and_report(bench, tmp_path, monkeypatch):
