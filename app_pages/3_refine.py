@@ -14,6 +14,9 @@ from studio import keys as K
 
 #: Seconds between two polls of the live view (each re-sends the latest picture: cheap).
 POLL_INTERVAL = 0.3
+#: Seconds between two polls of everything else on the live view (figures, diagnostics, loss
+#: chart): costly for the browser to draw again, and not worth doing three times a second.
+SLOW_INTERVAL = 1.5
 #: Seconds between two rebuilds of the loss chart's data during a run.
 CHART_INTERVAL = 2.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
@@ -137,17 +140,14 @@ def plan_caption(params: dict, total: int) -> str:
             "synthetic image (METHODS.md §4.3).")
 
 
-def render(j: jobs.Job | None) -> None:
-    """One poll: re-sends what the worker made (PNG rows, numbers); the loss chart's data are
-    rebuilt only when new steps arrived, at most every :data:`CHART_INTERVAL` s."""
+def render_head(j: jobs.Job | None) -> None:
+    """What a step is and the run's figures (phase, rate, teacher confidence, pictures drawn),
+    refreshed every :data:`SLOW_INTERVAL` s."""
     if j is None:
-        st.info("Press **Start refinement** to run the method; the images are redrawn while "
-                "it works.")
         return
     v = j.view(history=False)
     tail = j.history_tail(20)
     rate = runners.steps_per_second(tail) if tail else float("nan")
-    widgets.job_status(v, rate=rate)
     st.caption(plan_caption(v["params"], v["total"]))
     f = v["frame"]
     m = st.columns(4)
@@ -159,13 +159,34 @@ def render(j: jobs.Job | None) -> None:
                 "last picture.")
     m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, at most about "
                 "3 per second and only while this page is open.")
-    diagnostics.show(f.get("diagnostics"))
+
+
+def render(j: jobs.Job | None) -> None:
+    """One poll (every :data:`POLL_INTERVAL` s): the progress bar and the live picture that
+    the worker made, nothing else (each element costs the browser a re-render per poll)."""
+    if j is None:
+        st.info("Press **Start refinement** to run the method; the images are redrawn while "
+                "it works.")
+        return
+    v = j.view(history=False)
+    tail = j.history_tail(20)
+    widgets.job_status(v, rate=runners.steps_per_second(tail) if tail else float("nan"))
     tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
-    for row in f.get("rows", []):
+    for row in v["frame"].get("rows", []):
         st.caption(row["title"])
         st.image(row["png"], width=row["width"] * max(1, round(tile / row["tile"])),
                  output_format="PNG")
-    data = loss_data(j, v["history_len"])
+
+
+def render_slow(j: jobs.Job | None) -> None:
+    """The parts a browser needs long to draw again (diagnostics table, loss chart), polled
+    every :data:`SLOW_INTERVAL` s."""
+    if j is None:
+        return
+    with j.lock:
+        diag, n = j.frame.get("diagnostics"), len(j.history)
+    diagnostics.show(diag)
+    data = loss_data(j, n)
     if data is not None:
         st.vega_lite_chart(data[1], data[0], key=K.LOSS_CHART)
 
@@ -205,7 +226,8 @@ def loss_data(j: jobs.Job, n: int):
     return data
 
 
-widgets.live(job.id if job else None, render, interval=POLL_INTERVAL)
+widgets.live(job.id if job else None, render, interval=POLL_INTERVAL, head=render_head,
+             slow=render_slow, slow_interval=SLOW_INTERVAL)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:

@@ -16,6 +16,8 @@ from studio import keys as K
 
 #: Seconds between two polls while a comparison runs (its results arrive one set at a time).
 POLL_INTERVAL = 1.0
+#: Seconds between two polls of the results grid, table and chart during a comparison.
+RESULTS_INTERVAL = 3.0
 #: Side of one image in the grid [px] (the cells are narrow).
 CELL_PX = 64
 LABELS = {"random": "random real", "sre2l": "SRe2L", "rded": "RDED", "nrrdd": "NRR-DD",
@@ -103,10 +105,16 @@ def cell_png(j: jobs.Job | None, name: str, title: str, r: dict, sel: list[int])
     return cells[key]
 
 
+def render_status(j: jobs.Job | None) -> None:
+    """The progress bar, every :data:`POLL_INTERVAL` s."""
+    if j is not None:
+        widgets.job_status(j.view(history=False), "sets")
+
+
 def render(j: jobs.Job | None) -> None:
-    v = j.view() if j is not None else None
-    if v is not None:
-        widgets.job_status(v, "sets")
+    """The grid, the table and the chart: they change once per finished set, so they are
+    polled only every :data:`RESULTS_INTERVAL` s (costly for the browser to draw again)."""
+    v = j.view(history=False) if j is not None else None
     results = (v["result"] or v["frame"].get("results", {})) if v else {}
     columns = ["random"] + (list(v["params"].get("methods", methods)) if v else methods)
     # side by side: rows = classes, columns = methods + the random real baseline
@@ -175,7 +183,8 @@ def render(j: jobs.Job | None) -> None:
                    "the Evaluate page's full protocol.", icon=":material/warning:")
 
 
-widgets.live(job.id if job else None, render, interval=POLL_INTERVAL)
+widgets.live(job.id if job else None, render_status, interval=POLL_INTERVAL, slow=render,
+             slow_interval=RESULTS_INTERVAL)
 
 if job is not None and not job.active and job.result:
     sets = [(LABELS.get(n, n), r["images"], r["labels"]) for n, r in job.result.items()]

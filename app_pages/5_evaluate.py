@@ -11,6 +11,8 @@ from studio import jobs, runners, settings, widgets
 from studio import keys as K
 
 PERSIST = {"persist_state": "session"}
+#: Seconds between two polls of the accuracy curves and the results table during an evaluation.
+RESULTS_INTERVAL = 3.0
 LABEL_MODES = {"soft": "soft labels (teacher, per batch)", "dbr": "DBR distances (2 numbers "
                "per image)", "hard": "hard one-hot labels"}
 PROTOCOL_NAMES = {"kd": "KD (METHODS.md §1.4)", "edf": "EDF (METHODS.md §5.6)"}
@@ -111,11 +113,18 @@ b.button("Stop evaluation", key=K.EVAL_STOP, disabled=not running,
             on_click=job.request_stop if running else None, icon=":material/stop:")
 
 
+def render_status(j: jobs.Job | None) -> None:
+    """The progress bar, every second."""
+    if j is not None:
+        widgets.job_status(j.view(history=False), "epochs")
+
+
 def render(j: jobs.Job | None) -> None:
+    """The accuracy curves and the results table, every :data:`RESULTS_INTERVAL` s (costly for
+    the browser to draw again)."""
     if j is None:
         return
     v = j.view()
-    widgets.job_status(v, "epochs")
     hist = v["history"]
     if hist:
         fig = widgets.curves([], "epoch", title="Student test accuracy", yaxis="top-1 %")
@@ -140,4 +149,5 @@ def render(j: jobs.Job | None) -> None:
                    f"{v['params']}.")
 
 
-widgets.live(job.id if job else None, render)
+widgets.live(job.id if job else None, render_status, interval=1.0, slow=render,
+             slow_interval=RESULTS_INTERVAL)

@@ -224,15 +224,37 @@ def drop_job(state_key: str) -> None:
 
 
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
-         interval: float = 0.3) -> None:
+         interval: float = 0.3, slow: Callable[[jobs.Job | None], None] | None = None,
+         slow_interval: float = 1.5, head: Callable[[jobs.Job | None], None] | None = None
+         ) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
     active, then triggers one full rerun when it ends (so the rest of the page catches up).
     ``render`` must be cheap when nothing changed: it re-sends what the worker made (encoded
-    images, numbers) and rebuilds anything costly only when the job's version changed."""
+    images, numbers) and rebuilds anything costly only when the job's version changed.
+
+    ``head(job)`` (above) and ``slow(job)`` (below), when given, are drawn in fragments of their
+    own that re-run only every ``slow_interval`` s. The browser re-renders every element of a
+    fragment on each of its runs (tens of ms of a core per metric, chart or table on a 2-core
+    machine), so the fast fragment should hold only what changes several times a second (the
+    progress bar and the live picture) and everything else belongs in ``head`` or ``slow``:
+    that keeps the cost of watching a run small next to the run itself."""
     job = jobs.get(job_id)
     was_active = job is not None and job.active
+    every = interval if was_active else None
+    rarely = slow_interval if was_active else None
 
-    @st.fragment(run_every=interval if was_active else None)
+    @st.fragment(run_every=rarely)
+    def _poll_head() -> None:
+        head(jobs.get(job_id))
+
+    @st.fragment(run_every=rarely)
+    def _poll_slow() -> None:
+        slow(jobs.get(job_id))
+
+    if head is not None:
+        _poll_head()
+
+    @st.fragment(run_every=every)
     def _poll() -> None:
         j = jobs.get(job_id)
         render(j)
@@ -240,6 +262,8 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
             st.rerun()
 
     _poll()
+    if slow is not None:
+        _poll_slow()
 
 
 def duration(seconds: float) -> str:
