@@ -151,8 +151,9 @@ def fooling_warning(summary: dict[str, float], thresholds: dict | None = None) -
         if t_gain >= w["teacher_gain"] and i_gain < w["independent_share"] * t_gain:
             return (f"Refinement may be fooling the teacher: its agreement with the labels rose "
                     f"{100 * t_gain:+.0f} points but the independent model's only "
-                    f"{100 * i_gain:+.0f} (mean pixel change {255 * change:.1f}/255). Lower the "
-                    "iterations or learning rate, or pick patches by max_prob confidence.")
+                    f"{100 * i_gain:+.0f} (mean pixel change {255 * change:.1f}/255). Fewer "
+                    "iterations or a lower learning rate change the images less; judge them by "
+                    "the independent model.")
         return None
     p_gain = summary["teacher_prob_after"] - summary["teacher_prob_before"]
     if p_gain >= w["prob_gain"] and change < w["tiny_change"]:

@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 1000}
-#: Setup of the README's screenshots: CIFAR-10 .npz files and the public ResNet-20 (akamaster).
-CIFAR_QUERY = ("ds=npz&root={data}&teacher=resnet_cifar&teacher_path={data}/"
+#: Setup of the README's screenshots: the original-pixel CIFAR-10 .npz files and the public
+#: ResNet-20 (akamaster), which was trained on original pixels (its own domain).
+CIFAR_QUERY = ("ds=npz&root={data}&train_file=cifar10_exact_train_prefix.npz&"
+               "test_file=cifar10_exact_test_prefix.npz&teacher=resnet_cifar&teacher_path={data}/"
                "cifar10_resnet20_akamaster.th&teacher_arch=resnet20_cifar")
 SHOT_VIEWPORT = {"width": 1400, "height": 1800}
 
@@ -183,10 +185,12 @@ def wait_done(page, timeout: float = 900.0) -> None:
 
 def walk(page, base: str, query: str = "", shots: Path | None = None,
          iterations: int | None = None, full: bool = False,
-         class_name: str | None = "circle") -> dict:
+         class_name: str | None = "circle", finish_refine: bool = False) -> dict:
     """The user walk: Setup (choose ``class_name`` unless None) -> Explorer (move tau) -> Refine (start, watch the
     images change twice, stop, save) -> Compare -> Evaluate -> Runs, with a screenshot of each
-    page when ``shots`` is a folder; ``full`` also runs the comparison and an evaluation.
+    page when ``shots`` is a folder; ``full`` also runs the comparison and an evaluation;
+    ``finish_refine`` lets the refinement run to its end instead of stopping it (the README's
+    picture then shows refined images, their mask and their change).
     Returns a few observations for tests."""
     out: dict = {}
 
@@ -225,8 +229,11 @@ def walk(page, base: str, query: str = "", shots: Path | None = None,
         set_number(page, "iterations", iterations)
     page.get_by_role("button", name="Start refinement").click()
     out["live"] = watch_live_image(page, changes=2)
-    page.get_by_role("button", name="Stop run").click()
-    page.get_by_text("Stopped on request").wait_for()
+    if finish_refine:
+        wait_done(page)
+    else:
+        page.get_by_role("button", name="Stop run").click()
+        page.get_by_text("Stopped on request").wait_for()
     idle(page)
     shot("refine")
     page.get_by_role("button", name="Save run").click()
@@ -258,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         args.query = "&".join(filter(None, [CIFAR_QUERY.format(data=data), args.query]))
     with tempfile.TemporaryDirectory() as runs, serve({**env, "NRRDD_RUNS": runs}) as (base, _), \
             browser() as page:
-        walk(page, base, args.query, shots=args.out, iterations=3000 if args.full else None,
-             full=args.full, class_name=None if args.cifar else "circle")
+        walk(page, base, args.query, shots=args.out,
+             iterations=3000 if args.full else 40 if args.cifar else None, full=args.full,
+             class_name=None if args.cifar else "circle", finish_refine=args.cifar)
     print(f"screenshots in {args.out}")
     return 0
 
