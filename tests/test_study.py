@@ -43,3 +43,15 @@ def test_study_tiny_rows_seeds_diagnostics_and_report(bench, tmp_path, monkeypat
     assert 0 <= doc["independent"]["test_acc"] <= 1
     text = report.study_markdown([doc])
     assert "| CIDD + NRR 2 (max_prob) |" in text and "independent agrees %" in text
+
+
+def test_a_setting_can_give_its_students_more_epochs(bench, tmp_path):
+    import dataclasses
+
+    study = bench("study")
+    budget = study.STUDIES["tiny"]
+    base = budget.settings[0]
+    for setting, want in ((base, budget.eval_epochs), (dataclasses.replace(base, eval_epochs=7), 7)):
+        s = study.Study(budget, setting, "cpu", tmp_path / f"{want}.json", [])
+        assert s.eval_config().epochs == want and s.doc["eval"]["epochs"] == want
+        assert s.eval_config().eval_every == want  # tested after the last epoch only
