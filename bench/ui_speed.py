@@ -9,8 +9,10 @@ Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 cl
 2. seconds from a tau key press to the explorer's 40 images redrawn (target <= 0.5 s), median
    of several presses;
 3. the cost of watching a run: refinement steps per second of one NRR-DD run with Refine live
-   open (watched in the browser) and closed (the Runs page shown), each for ``--window`` s, on
-   the machine as it is ("quiet") and with ``--hogs`` competing busy processes ("busy"), at the
+   open (watched in the browser) and closed (the Runs page shown), alternating ``--repeats``
+   times for ``--window`` s each (pooled per state), on the machine as it is ("quiet") and with
+   ``--hogs`` competing busy processes ("busy"; the live view then polls less often, see
+   ``studio.pressure``), at the
    default setting and at a small one (4 classes, IPC 2: a step is short, drawing would
    dominate). ``live_view_throughput_ratio`` is the worst open / closed ratio of these four
    cases (target >= 0.8);
@@ -18,7 +20,7 @@ Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 cl
    distinct values of the first live image per second (target >= 2).
 
 Usage: ``python bench/ui_speed.py [--query "teacher=file&teacher_path=..."] [--window 8]
-[--out bench/results/ui_speed_cpu.json]`` (about 4-5 minutes on 2 cores); ``--tiny`` is a
+[--out bench/results/ui_speed_cpu.json]`` (about 7 minutes on 2 cores); ``--tiny`` is a
 short smoke run for tests (tiny app mode, one start, two tau presses, 2 s windows, one busy
 process: the numbers mean nothing).
 """
@@ -174,11 +176,23 @@ def busy(n: int):
             p.wait()
 
 
+def _pool(windows: list[dict]) -> dict:
+    """Windows of one state pooled: steps per second over their whole time (and updates)."""
+    secs = sum(w["window_s"] for w in windows)
+    out = {"steps_per_s": sum(w["steps_per_s"] * w["window_s"] for w in windows) / secs,
+           "window_s": secs, "windows": [round(w["steps_per_s"], 2) for w in windows]}
+    if all("updates_per_s" in w for w in windows):
+        out["updates_per_s"] = sum(w["updates_per_s"] * w["window_s"] for w in windows) / secs
+    return out
+
+
 def live_throughput(page, base: str, query: str, window: float, iterations: int | None,
-                    hogs: int = 2) -> dict:
+                    hogs: int = 2, repeats: int = 2) -> dict:
     """Steps per second of one NRR-DD run in its refinement phase with Refine live open
     (watched in the browser) and closed (another page shown), on the machine as it is and with
-    ``hogs`` competing busy processes. Returns each case's numbers and the worst open/closed
+    ``hogs`` competing busy processes; open and closed alternate ``repeats`` times per case and
+    each state's windows are pooled (a shared machine's speed drifts: one window of each would
+    compare two different machines). Returns each case's numbers and the worst open/closed
     ratio."""
     page.goto(f"{base}/refine{'?' + query if query else ''}")
     page.get_by_role("heading", name="Refine live", exact=True).wait_for()
@@ -191,10 +205,13 @@ def live_throughput(page, base: str, query: str, window: float, iterations: int 
     cases = {}
     for load, n in (("quiet", 0), ("busy", hogs)):
         with busy(n):
-            opened = watch_open(page, window)
-            closed = watch_closed(page, window)
-        cases[load] = {"open": opened, "closed": closed,
-                       "ratio": opened["steps_per_s"] / max(closed["steps_per_s"], 1e-9)}
+            opened, closed = [], []
+            for _ in range(repeats):
+                opened.append(watch_open(page, window))
+                closed.append(watch_closed(page, window))
+        o, c = _pool(opened), _pool(closed)
+        cases[load] = {"open": o, "closed": c,
+                       "ratio": o["steps_per_s"] / max(c["steps_per_s"], 1e-9)}
     stop = page.get_by_role("button", name="Stop run")
     if stop.is_enabled():
         stop.click()
@@ -209,6 +226,8 @@ def main(argv=None) -> int:
                     help="seconds of live refinement watched (and as long with the page closed) "
                          "per case")
     ap.add_argument("--hogs", type=int, default=2, help="competing busy processes of the busy case")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="open / closed windows per case (alternating; pooled per state)")
     ap.add_argument("--starts", type=int, default=3, help="server starts timed")
     ap.add_argument("--presses", type=int, default=6, help="tau key presses timed")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -222,7 +241,7 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="nrrdd_ui_speed_"))
         env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp / "runs")}
         args.starts, args.presses, args.window, iterations = 1, 2, 2.0, 3000
-        args.plain_starts, args.hogs = 0, 1
+        args.plain_starts, args.hogs, args.repeats = 0, 1, 1
 
     from nrrdd_core.data import load_dataset
     load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
@@ -256,7 +275,7 @@ def main(argv=None) -> int:
         through = {}
         for name, query in settings.items():
             through[name] = live_throughput(page, base, query, args.window, iterations,
-                                            args.hogs)
+                                            args.hogs, args.repeats)
             report(f"live_view_{name}", through[name])
         quiet = through["default"]["cases"]["quiet"]["open"]
         report("live_refinement", {**quiet, "setting": "default, quiet, Refine live open"})

@@ -47,6 +47,9 @@ class Job:
             a page switch) puts them back into its widgets.
         watched: ``time.monotonic()`` of the last time a page polled this job; the worker makes
             display frames only while someone watches (:meth:`watched_recently`).
+        poll_interval: seconds between two polls of the page that watches (set by
+            :func:`studio.widgets.live`; slower while the CPU is contended): the worker makes
+            no more pictures than that.
     """
 
     id: str
@@ -66,6 +69,7 @@ class Job:
     paused_s: float = 0.0              # seconds spent paused (finished pauses)
     paused_at: float | None = None     # time.time() when the current pause began
     watched: float = 0.0
+    poll_interval: float = 0.0
     film: list = field(default_factory=list)  # PNG pictures of the run for a GIF (add_film)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -83,7 +83,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
     """Run one method step by step. With ``frames`` (the Refine page) it records every step
     (with ``phase_step``, the step within its phase, from 0) and makes a display frame
-    (:func:`snapshot`) every ``every`` steps, at most every :data:`FRAME_INTERVAL` s and within
+    (:func:`snapshot`) every ``every`` steps, at most every :data:`FRAME_INTERVAL` s (or the
+    watching page's ``job.poll_interval``, if longer) and within
     the :data:`FRAME_BUDGET` share of its time, only while a page watches (else every
     :data:`UNWATCHED_INTERVAL` s) and only when a step was done since the last one; without
     (Compare) it only updates the job's message. Stops between steps on request and returns
@@ -122,7 +123,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.perf_counter()
-            gap = FRAME_INTERVAL if job.watched_recently(WATCH_TIMEOUT) else UNWATCHED_INTERVAL
+            gap = max(FRAME_INTERVAL, job.poll_interval) if job.watched_recently(WATCH_TIMEOUT) \
+                else UNWATCHED_INTERVAL
             due = now - last >= gap and (spent <= FRAME_BUDGET * (now - start)
                                          or now - last >= max(gap, MAX_FRAME_WAIT))
             if frames and (d.done or (since >= every and due)):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from nrrdd_core.errors import NrrddError
 
-from . import jobs
+from . import jobs, pressure
 from . import keys as K
 from .cache import Context, context
 from .frames import heat, mosaic, mosaic_layout, png, to_hwc  # noqa: F401 - re-exported
@@ -223,10 +223,15 @@ def drop_job(state_key: str) -> None:
         del st.query_params[K.JOB_PARAM]
 
 
+#: While the CPU is contended, the ``head`` and ``slow`` parts of a live view poll this many
+#: times less often (:func:`live`).
+BUSY_SLOWDOWN = 4
+
+
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
          interval: float = 0.3, slow: Callable[[jobs.Job | None], None] | None = None,
-         slow_interval: float = 1.5, head: Callable[[jobs.Job | None], None] | None = None
-         ) -> None:
+         slow_interval: float = 1.5, head: Callable[[jobs.Job | None], None] | None = None,
+         busy_interval: float = 1.5) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
     active, then triggers one full rerun when it ends (so the rest of the page catches up).
     ``render`` must be cheap when nothing changed: it re-sends what the worker made (encoded
@@ -237,11 +242,21 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     fragment on each of its runs (tens of ms of a core per metric, chart or table on a 2-core
     machine), so the fast fragment should hold only what changes several times a second (the
     progress bar and the live picture) and everything else belongs in ``head`` or ``slow``:
-    that keeps the cost of watching a run small next to the run itself."""
+    that keeps the cost of watching a run small next to the run itself.
+
+    While the machine's CPU is contended (:func:`studio.pressure.busy`: other programs compete
+    with the run) the fast fragment polls only every ``busy_interval`` s and says so, and
+    ``head`` and ``slow`` :data:`BUSY_SLOWDOWN` times less often: each redraw would come out of
+    the run's share. The switch (either way) reruns the page once. The job's ``poll_interval``
+    tells its worker how often a picture can be shown."""
     job = jobs.get(job_id)
     was_active = job is not None and job.active
-    every = interval if was_active else None
-    rarely = slow_interval if was_active else None
+    adaptive = was_active and interval < busy_interval
+    busy = adaptive and bool(st.session_state.get(K.LIVE_BUSY))
+    every = (busy_interval if busy else interval) if was_active else None
+    rarely = (slow_interval * (BUSY_SLOWDOWN if busy else 1)) if was_active else None
+    if was_active:
+        job.poll_interval = every  # the worker makes its pictures no faster than they are shown
 
     @st.fragment(run_every=rarely)
     def _poll_head() -> None:
@@ -258,8 +273,14 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     def _poll() -> None:
         j = jobs.get(job_id)
         render(j)
+        if busy:
+            st.caption(f"Other programs are using the CPU: the picture is redrawn every "
+                       f"{busy_interval:g} s so that the run keeps its share.")
         if was_active and j is not None and not j.active:
             st.rerun()
+        if adaptive and pressure.busy(busy) != busy:
+            st.session_state[K.LIVE_BUSY] = not busy
+            st.rerun()  # the fragments again, at the other rate
 
     _poll()
     if slow is not None:

@@ -587,3 +587,24 @@ def test_make_run_starts_without_a_terminal(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_refine_polls_slower_and_says_so_while_the_cpu_is_contended(teacher_path, monkeypatch):
+    from studio import pressure
+
+    contended = {"now": True}
+    monkeypatch.setattr(pressure, "busy", lambda was_busy, gauge=None: contended["now"])
+    at = app(teacher_path, "3_refine", classes="circle")
+    at.number_input(key="knob.nrrdd.iterations").set_value(100000).run()
+    at.button(key="refine_start").click().run()
+    note = "Other programs are using the CPU"
+
+    def noted(a: AppTest) -> bool:
+        return any(note in c.value for c in a.caption)
+    poll(at, lambda a: noted(a) and progress_text(a).startswith("running"))
+    assert at.session_state["live_busy"] is True
+    contended["now"] = False
+    poll(at, lambda a: not noted(a))
+    assert at.session_state["live_busy"] is False
+    at.button(key="refine_stop").click().run()
+    poll(at, lambda a: progress_text(a).startswith("stopped"), timeout=10)
