@@ -125,14 +125,16 @@ WATCH_JS = """(text) => {
 def watch_open(page, window: float) -> dict:
     """Refine live open for ``window`` s: steps per second from the progress bar (read at both
     ends), and distinct live pictures per second (UI updates), counted inside the page
-    (:data:`WATCH_JS`) so that the measurement does not load the browser it measures."""
+    (:data:`WATCH_JS`) so that the measurement does not load the browser it measures;
+    ``slowed``: the page said at the end that it polls less often (CPU contended)."""
     page.evaluate(WATCH_JS, "Current images")
     n0, t0 = steps_done(page), time.perf_counter()
     page.wait_for_timeout(window * 1000)
     n1, t1 = steps_done(page), time.perf_counter()
     seen = page.evaluate("() => { const w = window.__liveWatch; w.obs.disconnect(); return w.n; }")
+    slowed = page.get_by_text("Other programs are using the CPU").count() > 0
     return {"steps_per_s": (n1 - n0) / (t1 - t0), "updates_per_s": seen / (t1 - t0),
-            "window_s": t1 - t0}
+            "window_s": t1 - t0, "slowed": slowed}
 
 
 def watch_closed(page, window: float) -> dict:
@@ -183,6 +185,7 @@ def _pool(windows: list[dict]) -> dict:
            "window_s": secs, "windows": [round(w["steps_per_s"], 2) for w in windows]}
     if all("updates_per_s" in w for w in windows):
         out["updates_per_s"] = sum(w["updates_per_s"] * w["window_s"] for w in windows) / secs
+        out["slowed_windows"] = sum(bool(w.get("slowed")) for w in windows)
     return out
 
 
