@@ -240,10 +240,23 @@ def ui_markdown(doc: dict) -> str:
                 f"{doc['live_view_throughput_ratio']:.2f}", ">= 0.8",
                 "yes" if doc["live_view_throughput_ratio"] >= 0.8 else "no"]]
               if "live_view_throughput_ratio" in doc else [])]
+    cases = []
+    for name in ("default", "small"):
+        for load, c in (doc.get(f"live_view_{name}") or {}).get("cases", {}).items():
+            o, cl = c["open"], c["closed"]
+            cases.append([name, load, f"{o['steps_per_s']:.1f} ({', '.join(map(str, o.get('windows', [])))})",
+                          f"{cl['steps_per_s']:.1f} ({', '.join(map(str, cl.get('windows', [])))})",
+                          f"{c['ratio']:.2f}", f"{o.get('updates_per_s', float('nan')):.1f}",
+                          f"{o.get('slowed_windows', '-')} of {len(o.get('windows', [])) or '-'}"])
+    detail = ["Live view, per case (steps per s pooled over the alternating windows, each "
+              "window's figure in brackets; slowed = windows at whose end the page said it "
+              "polled less often because the CPU was contended):", "",
+              common.md_table(["setting", "machine", "open steps/s", "closed steps/s", "ratio",
+                               "updates/s open", "slowed"], cases), ""] if cases else []
     return "\n".join([f"Command: `{doc['command']}` (real Chromium via Playwright, built-in defaults, "
                       f"shipped teacher). Load average {doc['load_avg_before'][0]:.1f} at start, "
                       f"{doc['cpu_count']} CPUs.", "",
-                      common.md_table(["measure", "ours", "target", "met"], rows), ""])
+                      common.md_table(["measure", "ours", "target", "met"], rows), "", *detail])
 
 
 def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULTS_MD) -> Path:
