@@ -117,7 +117,7 @@ STUDIES = {
                     tuple(v for v in CPU_GRID if v.name in (
                         "random", "RDED", "CIDD (max_prob)", "CIDD + NRR 100 (max_prob)",
                         "CIDD (true_class)", "CIDD + NRR 100 (true_class)")), core=4,
-                    eval_epochs=300),
+                    eval_epochs=100),
             Setting("resnet20_exact_to_convnet", "ResNet-20 (pretrained) on original pixels -> "
                     "ConvNet-BN-3 student", EXACT_FILES, "resnet20", "convnet_bn",
                     tuple(v for v in CPU_GRID if v.name in ("random", "RDED", "CIDD + NRR 100 (max_prob)")),
@@ -128,7 +128,7 @@ STUDIES = {
              "images per class (as published; the exact files hold 523-572 per class). Students "
              "train 15 KD epochs (published 300) with the pretrained ResNet-20 as teacher; the "
              "ConvNet-BN-on-JPEG setting trains its teacher here (20 epochs, published 200) and "
-             "gives its cheap ConvNet-BN students the published 300 epochs."),
+             "gives its cheaper ConvNet-BN students 100 epochs (200 optimiser steps)."),
     "tiny": StudyBudget(
         name="tiny", ipc=1, distill_seed=0, student_seeds=(0, 1), eval_epochs=1, randaugment=True,
         nrrdd={"mipc": 4, "images_per_step": 4},
