@@ -17,8 +17,6 @@ POLL_INTERVAL = 0.3
 #: Seconds between two polls of everything else on the live view (figures, diagnostics, loss
 #: chart): costly for the browser to draw again, and not worth doing three times a second.
 SLOW_INTERVAL = 1.5
-#: Seconds between two rebuilds of the loss chart's data during a run.
-CHART_INTERVAL = 2.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
                  "matching + CPD + DAE)"}
@@ -183,10 +181,9 @@ def render_slow(j: jobs.Job | None) -> None:
     every :data:`SLOW_INTERVAL` s."""
     if j is None:
         return
-    with j.lock:
-        diag, n = j.frame.get("diagnostics"), len(j.history)
-    diagnostics.show(diag)
-    data = loss_data(j, n)
+    v = j.view(history=False)
+    diagnostics.show(v["frame"].get("diagnostics"))
+    data = loss_data(j, v["history_len"])
     if data is not None:
         st.vega_lite_chart(data[1], data[0], key=K.LOSS_CHART)
 
@@ -194,14 +191,13 @@ def render_slow(j: jobs.Job | None) -> None:
 def loss_data(j: jobs.Job, n: int):
     """``(vega-lite spec, long table)`` of the loss terms of the current phase against the step
     within the phase (0 = its first step, e.g. the first refinement step), on a log scale.
-    Rebuilt when new steps arrived, at most once per :data:`CHART_INTERVAL` s while the job
-    runs; else the cached one is sent again (a few kB of Arrow)."""
+    Rebuilt when new steps arrived (this runs in the slow fragment, so at most every
+    :data:`SLOW_INTERVAL` s); else the cached one is sent again (a few kB of Arrow)."""
     import pandas as pd
 
     cached = st.session_state.get(K.LOSS_FIG)
-    if cached is not None and cached[0] == j.id and (cached[2] == n or (
-            time.monotonic() - cached[1] < CHART_INTERVAL and j.active)):
-        return cached[3]
+    if cached is not None and cached[0] == j.id and cached[1] == n:
+        return cached[2]
     hist = j.history_tail(n) if n else []
     data = None
     if hist:
@@ -222,7 +218,7 @@ def loss_data(j: jobs.Job, n: int):
                       "scale": {"type": "log"}, "axis": {"format": "~g"}},
                 "color": {"field": "term", "type": "nominal", "title": "term"}}}
         data = (spec, table) if len(table) else None
-    st.session_state[K.LOSS_FIG] = (j.id, time.monotonic(), n, data)
+    st.session_state[K.LOSS_FIG] = (j.id, n, data)
     return data
 
 

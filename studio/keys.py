@@ -33,7 +33,7 @@ JOB_PARAM = "job"              # URL parameter: id of the job shown by a job pag
 #                                Compare, Evaluate); a reload reattaches to it
 TEACHER_JOB = "teacher_job"    # id of this session's teacher-training job
 REFINE_JOB = "refine_job"      # id of this session's refinement job
-LOSS_FIG = "loss_fig"           # (job id, time built, records, data) of the live loss chart
+LOSS_FIG = "loss_fig"           # (job id, records, data) of the live loss chart
 LIVE_BUSY = "live_busy"        # the machine's CPU was contended at the last live poll
 TILE_PX = "tile_px"            # side of one image on screen in the live view and grids [px]
 COMPARE_JOB = "compare_job"    # id of this session's Compare job
