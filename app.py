@@ -15,6 +15,10 @@ import os
 # 5-6 s instead of 0.4 s, a 512x512 matmul loop 2.0 s instead of 0.2 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from studio import warm  # noqa: E402 - light: the background imports wait on its events
+
+warm.PAGE_STARTED.set()
+
 import streamlit as st  # noqa: E402
 
 from studio import cache, setup, widgets  # noqa: E402
@@ -41,4 +45,7 @@ page = st.navigation([
             url_path="evaluate"),
     st.Page("app_pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
-page.run()
+try:
+    page.run()
+finally:
+    warm.PAGE_SHOWN.set()  # the later pages' imports may start now (see studio.warm)

@@ -156,30 +156,32 @@ def grid() -> None:
                 st.caption(f"no {FILTERS[which]} images")
 
 
-grid()
-
 # ---- per-class complexity -------------------------------------------------------------------
-import pandas as pd  # noqa: E402 - after the grid: a first visit shows the CAMs sooner
-import plotly.express as px  # noqa: E402
 
-st.subheader("Class complexity")
-st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (METHODS.md §7); a "
-           f"class's score is the mean over its images (first {sample_n} per class).")
-sample = cache.pool_indices(s.data_key, tuple(ctx.classes), sample_n)
-sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()), teacher, bundle)
-score = complexity_score(torch.from_numpy(sample_cams)).numpy()
-df = pd.DataFrame({"complexity": score,
-                   "class": [names[y] for y in bundle.train.y[sample].tolist()]})
-fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=20, opacity=0.6,
-                   range_x=[0, 1], height=320,
-                   color_discrete_sequence=px.colors.qualitative.Dark24)  # distinct per class
-means = df.groupby("class", sort=False)["complexity"].mean()
-fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), legend_title_text="class (mean)")
-fig.for_each_trace(lambda t: t.update(name=f"{t.name} ({means[t.name]:.2f})"))
-st.plotly_chart(fig, key=K.COMPLEXITY_CHART)
+
+def complexity() -> None:
+    """Histogram of the Comp-DD complexity of the first ``sample_n`` images of each class."""
+    import pandas as pd
+    import plotly.express as px
+
+    st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (METHODS.md "
+               f"§7); a class's score is the mean over its images (first {sample_n} per class).")
+    sample = cache.pool_indices(s.data_key, tuple(ctx.classes), sample_n)
+    sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()), teacher,
+                                 bundle)
+    score = complexity_score(torch.from_numpy(sample_cams)).numpy()
+    df = pd.DataFrame({"complexity": score,
+                       "class": [names[y] for y in bundle.train.y[sample].tolist()]})
+    fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=20,
+                       opacity=0.6, range_x=[0, 1], height=320,
+                       color_discrete_sequence=px.colors.qualitative.Dark24)  # one per class
+    means = df.groupby("class", sort=False)["complexity"].mean()
+    fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), legend_title_text="class (mean)")
+    fig.for_each_trace(lambda t: t.update(name=f"{t.name} ({means[t.name]:.2f})"))
+    st.plotly_chart(fig, key=K.COMPLEXITY_CHART)
+
 
 # ---- CIDD candidates of one image -----------------------------------------------------------
-st.subheader("CIDD candidate crops of one image")
 @st.fragment
 def cidd() -> None:
     """CIDD candidates of one image (its own widgets re-run only this part)."""
@@ -220,10 +222,23 @@ def cidd() -> None:
                    "confidence 1.0): their order is a tie. RDED breaks ties by the teacher's "
                    "logit margin (tie_break) or scores in float64 (score_precision); a run's "
                    "step records count the ties (METHODS.md §3).")
+    st.caption("Candidates are RandomResizedCrop boxes (RDED's sampler), sorted by CAM ratio "
+               "(share of the CAM inside the box). CIDD scores the top t by the teacher's "
+               "confidence and keeps the LOWEST-confidence (hardest) patches; the paper's "
+               "appendix C compares keeping the highest.")
 
 
-cidd()
-st.caption("Candidates are RandomResizedCrop boxes (RDED's sampler), sorted by CAM ratio "
-           "(share of the CAM inside the box). CIDD scores the top t by the teacher's confidence "
-           "and keeps the LOWEST-confidence (hardest) patches; the paper's appendix C compares "
-           "keeping the highest.")
+# ---- tabs: only the open one is computed (on_change="rerun"), so a first visit and every control
+# change pay for the CAM grid alone, not for 320 more CAMs, pandas and plotly
+TABS = ("CAM grid", "Class complexity", "CIDD candidate crops")
+tab_grid, tab_complexity, tab_cidd = st.tabs(TABS, key=K.EXPLORER_TAB, on_change="rerun")
+with tab_grid:
+    grid()
+with tab_complexity:
+    if tab_complexity.open:
+        complexity()
+with tab_cidd:
+    if tab_cidd.open:
+        st.caption("The crops NRR-DD's first phase (CIDD) chooses between, for one of the images "
+                   "of the grid.")
+        cidd()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,15 +60,21 @@ def teacher(teacher_key: tuple) -> Teacher:
 
 @st.cache_resource(show_spinner=False)
 def prewarm(_data_key: tuple) -> threading.Thread:
-    """Once per process: a daemon thread that imports the modules of the pages
-    (:data:`studio.warm.FIRST` and :data:`studio.warm.LATER`) and reads the first
-    session's dataset (``load_dataset`` keeps the built-in one in memory; other entries warm the
-    disk cache) while the first page renders. It calls no ``st.*`` (it has no script context); a
-    failure is only logged: the page that needs the data shows the error."""
+    """Once per process: a daemon thread that imports the modules of the first page
+    (:data:`studio.warm.FIRST`), then, once the first page has been shown
+    (:data:`studio.warm.PAGE_SHOWN`, at most :data:`studio.warm.PAGE_WAIT_S` later), those of
+    the other pages (:data:`studio.warm.LATER`) and reads the first session's dataset
+    (``load_dataset`` keeps the built-in one in memory; other entries warm the disk cache). It
+    calls no ``st.*`` (it has no script context); a failure is only logged: the page that
+    needs the data shows the error."""
 
     def work() -> None:
         try:
-            for name in (*warm.FIRST, *warm.LATER):
+            for name in warm.FIRST:
+                importlib.import_module(name)
+            warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S)
+            time.sleep(warm.SETTLE_S)
+            for name in warm.LATER:
                 importlib.import_module(name)
             name, kwargs = _data_key
             load_dataset(name, **dict(kwargs))

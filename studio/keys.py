@@ -63,6 +63,7 @@ CIDD_IMAGE = "cidd_image"      # index (in the grid) of the image whose CIDD can
 CIDD_CANDIDATES = "cidd_m"     # candidate crops per image
 CIDD_TOP_T = "cidd_t"          # candidates kept by CAM ratio
 COMPLEXITY_CHART = "complexity_hist"
+EXPLORER_TAB = "explorer_tab"  # the explorer's open tab (only its content is computed)
 SCORECAM_OK = "scorecam_ok"    # explicit go-ahead for the slow ScoreCAM
 CAM_LAST_GOOD = "cam_last_good"  # (method, layer) of the last CAM that worked (shown on error)
 CAM_URL_READ = "_cam_url_read"  # the explorer read its method, layer and colour map from the URL

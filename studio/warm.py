@@ -1,10 +1,11 @@
 """Start-up warm-up of the server process (no ``st.*``: it runs before any script).
 
 ``python -m studio`` (what ``make run`` starts) calls :func:`start` before Streamlit's server
-boots, so the first page finds torch and ``nrrdd_core`` imported, the default dataset in memory
-and the teacher's first forward/backward (thread pools, kernel selection) already paid for,
-instead of doing all of that after the browser connects. ``streamlit run app.py`` works too,
-without this head start (``studio.cache.prewarm`` then imports in the background per process).
+boots. Once the server has started, a thread imports torch and ``nrrdd_core`` while the browser
+loads the page, so the first script run finds them (nearly) imported instead of starting the
+3 s import after the browser connected; the modules of the other pages follow once the first
+page has been shown. ``streamlit run app.py`` works too, with less of a head start
+(``studio.cache.prewarm`` then imports in the background per process).
 """
 
 from __future__ import annotations
@@ -29,27 +30,47 @@ BEFORE_A_RUN = ("torch._dynamo",)
 WARM_BATCH = 40
 
 
-def warm() -> float:
-    """Import :data:`FIRST`, load the default setup's dataset (built-in ``shapes``), run the
-    shipped teacher's classic CAM once on a batch of :data:`WARM_BATCH` training images on the
-    default device, then import :data:`LATER`. Returns the seconds it took. Never raises: a
-    failure is logged (the page that needs the data reports its own errors)."""
+#: Set by ``app.py`` when a script run of this process starts: the warm-up then skips its own
+#: CAM (the page computes the same and the two would take turns on the GIL).
+PAGE_STARTED = threading.Event()
+#: Set by ``app.py`` when a script run of this process has ended: the imports for later pages
+#: (:data:`LATER`) wait for it. Imports hold the GIL, and a torch forward re-takes it after
+#: every op, so importing pandas and plotly beside the first page's CAMs made those take 0.8 s
+#: instead of 0.1 s (measured at start-up, 2 cores).
+PAGE_SHOWN = threading.Event()
+#: Seconds the later imports wait after :data:`PAGE_SHOWN`: the browser still fetches and draws
+#: the page's images then, and the server has to answer it.
+SETTLE_S = 3.0
+#: Set by :func:`start` (``python -m studio``): ``studio.cache.prewarm`` then has nothing to do.
+STARTED = threading.Event()
+
+
+def warm(page_wait_s: float = 0.0) -> float:
+    """Import :data:`FIRST`; unless a page has started (:data:`PAGE_STARTED`), load the default
+    setup's dataset (built-in ``shapes``) and run the shipped teacher's classic CAM once on a
+    batch of :data:`WARM_BATCH` training images on the default device; then wait up to
+    ``page_wait_s`` seconds for the first page to be shown (:data:`PAGE_SHOWN`) and import
+    :data:`LATER`. Returns the seconds it took. Never raises: a failure is logged (the page
+    that needs the data reports its own errors)."""
     t0 = time.perf_counter()
     try:
         import importlib
         for name in FIRST:
             importlib.import_module(name)
-        from nrrdd_core.cam import ClassicCAM
-        from nrrdd_core.data import load_dataset
-        from nrrdd_core.device import resolve_device
-        from nrrdd_core.models import shipped_teacher
+        if not PAGE_STARTED.is_set():
+            from nrrdd_core.cam import ClassicCAM
+            from nrrdd_core.data import load_dataset
+            from nrrdd_core.device import resolve_device
+            from nrrdd_core.models import shipped_teacher
 
-        from .settings import shapes_kwargs
-        bundle = load_dataset("shapes", **shapes_kwargs())
-        teacher = shipped_teacher(resolve_device("auto"))  # a private copy: hooks stay local
-        idx = list(range(min(WARM_BATCH, len(bundle.train))))
-        x = teacher.data_config.normalize(bundle.train.float01(idx).to(teacher.device))
-        ClassicCAM(teacher).attribute(x, bundle.train.y[idx])
+            from .settings import shapes_kwargs
+            bundle = load_dataset("shapes", **shapes_kwargs())
+            teacher = shipped_teacher(resolve_device("auto"))  # a private copy: hooks stay local
+            idx = list(range(min(WARM_BATCH, len(bundle.train))))
+            x = teacher.data_config.normalize(bundle.train.float01(idx).to(teacher.device))
+            ClassicCAM(teacher).attribute(x, bundle.train.y[idx])
+        if page_wait_s and PAGE_SHOWN.wait(page_wait_s):
+            time.sleep(SETTLE_S)
         for name in LATER:
             importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
@@ -59,8 +80,39 @@ def warm() -> float:
     return seconds
 
 
-def start() -> threading.Thread:
-    """Run :func:`warm` in a daemon thread and return it."""
-    thread = threading.Thread(target=warm, name="nrrdd-warm", daemon=True)
+#: Seconds the warm-up's later imports wait at most for the first page (a server whose browser
+#: never connects still gets them).
+PAGE_WAIT_S = 30.0
+#: Seconds the warm-up waits at most for Streamlit's server to start before it imports torch.
+SERVER_WAIT_S = 10.0
+
+
+def server_started(timeout: float = SERVER_WAIT_S, every: float = 0.02) -> bool:
+    """Wait until Streamlit's runtime in this process has started (its server then answers the
+    browser), polling every ``every`` s; False after ``timeout`` s."""
+    from streamlit.runtime import Runtime, RuntimeState
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if Runtime.exists() and Runtime.instance().state != RuntimeState.INITIAL:
+            return True
+        time.sleep(every)
+    return False
+
+
+def start(after_server: bool = True) -> threading.Thread:
+    """Run :func:`warm` in a daemon thread and return it. With ``after_server`` the thread
+    first waits for Streamlit's server to start (:func:`server_started`): the imports hold the
+    GIL, and the server's boot and the browser's first requests then come first, while the
+    browser loads the page torch is imported (start to the explorer's grid, 2 cores: see
+    ``bench/ui_speed.py``). The later imports wait up to :data:`PAGE_WAIT_S` for the first
+    page (:data:`PAGE_SHOWN`)."""
+
+    def run() -> None:
+        if after_server:
+            server_started()
+        warm(PAGE_WAIT_S)
+
+    STARTED.set()
+    thread = threading.Thread(target=run, name="nrrdd-warm", daemon=True)
     thread.start()
     return thread

@@ -142,7 +142,16 @@ def test_explorer_sliders_change_what_is_shown(teacher_path):
     assert metric(at, "Images") == "2"
     at.selectbox(key="cam_method").set_value("gradcam").run()
     assert not at.exception
-    assert len(at.get("plotly_chart")) == 1  # complexity histogram
+    # the other tabs are computed only when open: no histogram, no CIDD crops until then
+    assert [t.label for t in at.tabs] == ["CAM grid", "Class complexity", "CIDD candidate crops"]
+    assert len(at.get("plotly_chart")) == 0 and "cidd_image" not in [w.key for w in at.selectbox]
+    at.session_state["explorer_tab"] = "Class complexity"
+    at.run()
+    assert len(at.get("plotly_chart")) == 1 and "cidd_image" not in [w.key for w in at.selectbox]
+    at.session_state["explorer_tab"] = "CIDD candidate crops"
+    at.run()
+    assert len(at.get("plotly_chart")) == 0 and not at.exception
+    assert any("KEPT by" in c for im in at.image for c in im.captions)
 
 
 def test_explorer_offers_only_layers_that_work_and_keeps_the_view_on_error(teacher_path,
@@ -176,7 +185,8 @@ def test_explorer_offers_only_layers_that_work_and_keeps_the_view_on_error(teach
     monkeypatch.setattr(cache, "cam_maps", failing)
     at.selectbox(key="cam_method").set_value("xgradcam").run()
     assert any("boom" in e.value and "instead" in e.value for e in at.error)
-    assert metric(at, "Images") == "4" and len(at.image) >= 4
+    assert metric(at, "Images") == "4"
+    assert sum("non-crit" in c for im in at.image for c in im.captions) == 4  # the grid stays
     at.slider(key="tau").set_value(0.7).run()  # tau is carried over to Refine live
     assert at.session_state["knob.nrrdd.tau"] == 0.7
 
@@ -551,6 +561,30 @@ def test_startup_warm_up_loads_the_default_setup(caplog):
     assert seconds > 0
     assert "warm-up stopped" not in caplog.text, caplog.text
     assert "warm-up done" in caplog.text
+
+
+def test_warm_up_leaves_the_first_page_alone(monkeypatch):
+    """The later pages' imports wait for the first page to be shown (they hold the GIL beside
+    its CAMs), and the warm-up's own CAM is skipped once a page has started."""
+    import threading
+
+    import nrrdd_core.cam as cam
+    from studio import warm
+    calls = []
+    monkeypatch.setattr(cam.ClassicCAM, "attribute", lambda self, *a: calls.append(1))
+    monkeypatch.setattr(warm, "SETTLE_S", 0.0)
+    monkeypatch.setattr(warm, "PAGE_STARTED", threading.Event())  # as in a fresh process
+    monkeypatch.setattr(warm, "PAGE_SHOWN", threading.Event())
+    thread = threading.Thread(target=warm.warm, args=(30.0,), daemon=True)
+    thread.start()
+    thread.join(5.0)
+    assert thread.is_alive() and calls == [1]  # CAM done, later imports waiting for the page
+    warm.PAGE_SHOWN.set()
+    thread.join(10.0)
+    assert not thread.is_alive()
+    warm.PAGE_STARTED.set()
+    warm.warm()
+    assert calls == [1]  # a page has started: no second CAM
 
 
 def test_make_run_starts_without_a_terminal(tmp_path):
