@@ -291,6 +291,9 @@ def write_results_md(results_dir: Path = common.RESULTS_DIR, path: Path = RESULT
         parts += ["## The app", ""]
         for p in uis:
             parts.append(ui_markdown(json.loads(p.read_text())))
+            notes = p.with_suffix(".notes.md")  # a person's notes on that run, if any
+            if notes.is_file():
+                parts.append(notes.read_text().strip() + "\n")
     import study
 
     studies = [d for d in study.load_docs(results_dir) if d.get("study") != "tiny"]
