@@ -12,11 +12,17 @@ from nrrdd_core.methods import get_method, list_methods
 from studio import diagnostics, frames, jobs, reopen, runners, settings, warm, widgets
 from studio import keys as K
 
-#: Seconds between two polls of the live view (each re-sends the latest picture: cheap).
-POLL_INTERVAL = 0.3
-#: Seconds between two polls of everything else on the live view (figures, diagnostics, loss
-#: chart): costly for the browser to draw again, and not worth doing three times a second.
-SLOW_INTERVAL = 1.5
+#: Seconds between two polls of the live picture and the progress bar. The worker makes one
+#: picture for each poll, just before it (studio.runners.picture_due): 2.4 new pictures per
+#: second, without polls that find nothing new (each costs the browser a re-render).
+POLL_INTERVAL = 0.4
+#: Seconds between two polls of the run's figures above the picture (phase, steps per second,
+#: teacher confidence): costly for the browser to draw again, not worth three times a second.
+HEAD_INTERVAL = 1.5
+#: Seconds between two polls of the diagnostics table and the loss chart below the picture: the
+#: worker renews the diagnostics at most every 3 s, and a vega chart is the costliest element
+#: for the browser to draw again.
+SLOW_INTERVAL = 3.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
                  "matching + CPD + DAE)"}
@@ -140,7 +146,7 @@ def plan_caption(params: dict, total: int) -> str:
 
 def render_head(j: jobs.Job | None) -> None:
     """What a step is and the run's figures (phase, rate, teacher confidence, pictures drawn),
-    refreshed every :data:`SLOW_INTERVAL` s."""
+    refreshed every :data:`HEAD_INTERVAL` s."""
     if j is None:
         return
     v = j.view(history=False)
@@ -223,7 +229,7 @@ def loss_data(j: jobs.Job, n: int):
 
 
 widgets.live(job.id if job else None, render, interval=POLL_INTERVAL, head=render_head,
-             slow=render_slow, slow_interval=SLOW_INTERVAL)
+             head_interval=HEAD_INTERVAL, slow=render_slow, slow_interval=SLOW_INTERVAL)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:

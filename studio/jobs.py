@@ -50,6 +50,9 @@ class Job:
         poll_interval: seconds between two polls of the page that watches (set by
             :func:`studio.widgets.live`; slower while the CPU is contended): the worker makes
             no more pictures than that.
+        polled: ``time.monotonic()`` of the last poll of that page's picture (its fast
+            fragment): the worker makes each picture just before the next poll
+            (:func:`studio.runners.picture_due`).
     """
 
     id: str
@@ -70,6 +73,7 @@ class Job:
     paused_at: float | None = None     # time.time() when the current pause began
     watched: float = 0.0
     poll_interval: float = 0.0
+    polled: float = 0.0
     film: list = field(default_factory=list)  # PNG pictures of the run for a GIF (add_film)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -19,8 +19,10 @@ from .frames import image_rows
 from .jobs import Job
 from .setup import Setup
 
-#: Minimum seconds between two display frames of a live run (the page polls every 0.3 s).
-FRAME_INTERVAL = 0.35
+#: Minimum seconds between two display frames of a live run.
+FRAME_INTERVAL = 0.25
+#: Seconds a picture is made ahead of the poll that shows it, beyond two steps (its own cost).
+PICTURE_LEAD = 0.03
 #: Frames may cost at most this share of the worker's time: a frame is due only while the CPU
 #: the worker spent on frames so far is within ``FRAME_BUDGET`` of the run's time (so drawing
 #: never takes more than about 5 % of the run, however large the set or slow the machine).
@@ -79,6 +81,24 @@ def phase_plan(d) -> dict:
     return {"selection": select, "refinement": d.total_steps - select}
 
 
+def picture_due(job: Job, made: float, step_s: float) -> bool:
+    """Whether the worker should make a picture now for the page that polls ``job`` (its fast
+    fragment, every ``job.poll_interval`` s, last at ``job.polled``, ``time.monotonic()``): one
+    picture per poll, made just before it, so that every poll shows a new picture and none is
+    made that no poll shows. Due when no picture was made since the last poll (``made``, the
+    monotonic time of the last one) and the next poll comes within two more steps of
+    ``step_s`` s (steps vary: with one step's margin a poll in three found no new picture)
+    plus :data:`PICTURE_LEAD` s. Without a recent poll (none yet, or the page polls late) it
+    is due."""
+    every = job.poll_interval
+    if every <= 0 or not job.polled:
+        return True
+    now = time.monotonic()
+    if now - job.polled > 2 * every:  # late polls: keep making pictures
+        return True
+    return made <= job.polled and job.polled + every - now <= 2 * step_s + PICTURE_LEAD
+
+
 def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
     """Run one method step by step. With ``frames`` (the Refine page) it records every step
@@ -104,6 +124,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             with job.lock:
                 job.params["phases"] = phase_plan(d)
         last, spent, since, frame = time.perf_counter(), 0.0, 0, None
+        last_mono = time.monotonic()
         start = last
         phase, phase_start = None, 0
         while not d.done:
@@ -123,10 +144,12 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.perf_counter()
-            gap = max(FRAME_INTERVAL, job.poll_interval) if job.watched_recently(WATCH_TIMEOUT) \
-                else UNWATCHED_INTERVAL
+            watched = job.watched_recently(WATCH_TIMEOUT)
+            gap = FRAME_INTERVAL if watched else UNWATCHED_INTERVAL
             due = now - last >= gap and (spent <= FRAME_BUDGET * (now - start)
                                          or now - last >= max(gap, MAX_FRAME_WAIT))
+            if due and watched:
+                due = picture_due(job, last_mono, rec.seconds)
             if frames and (d.done or (since >= every and due)):
                 cpu = time.thread_time()
                 frame = snapshot(d, t, names, previous=frame)
@@ -134,7 +157,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                 if frame["rows"]:
                     job.add_film(frame["rows"][0]["png"])
                 spent += time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
-                last, since = time.perf_counter(), 0
+                last, since, last_mono = time.perf_counter(), 0, time.monotonic()
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -231,18 +232,21 @@ BUSY_SLOWDOWN = 4
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
          interval: float = 0.3, slow: Callable[[jobs.Job | None], None] | None = None,
          slow_interval: float = 1.5, head: Callable[[jobs.Job | None], None] | None = None,
-         busy_interval: float = 1.5) -> None:
+         busy_interval: float = 1.5, head_interval: float | None = None) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
     active, then triggers one full rerun when it ends (so the rest of the page catches up).
     ``render`` must be cheap when nothing changed: it re-sends what the worker made (encoded
     images, numbers) and rebuilds anything costly only when the job's version changed.
 
     ``head(job)`` (above) and ``slow(job)`` (below), when given, are drawn in fragments of their
-    own that re-run only every ``slow_interval`` s. The browser re-renders every element of a
-    fragment on each of its runs (tens of ms of a core per metric, chart or table on a 2-core
-    machine), so the fast fragment should hold only what changes several times a second (the
-    progress bar and the live picture) and everything else belongs in ``head`` or ``slow``:
-    that keeps the cost of watching a run small next to the run itself.
+    own that re-run only every ``head_interval`` (default ``slow_interval``) and
+    ``slow_interval`` s. The browser re-renders every element of a fragment on each of its
+    runs (tens of ms of a core per metric, chart or table on a 2-core machine), so the fast
+    fragment should hold only what changes several times a second (the progress bar and the
+    live picture) and everything else belongs in ``head`` or ``slow``: that keeps the cost of
+    watching a run small next to the run itself. Each run of the fast fragment stamps the
+    job's ``polled`` time: a worker that draws makes one picture per poll, just before it
+    (:func:`studio.runners.picture_due`).
 
     While the machine's CPU is contended (:func:`studio.pressure.busy`: other programs compete
     with the run) the fast fragment polls only every ``busy_interval`` s and says so, and
@@ -255,10 +259,12 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     busy = adaptive and bool(st.session_state.get(K.LIVE_BUSY))
     every = (busy_interval if busy else interval) if was_active else None
     rarely = (slow_interval * (BUSY_SLOWDOWN if busy else 1)) if was_active else None
+    head_every = ((slow_interval if head_interval is None else head_interval)
+                  * (BUSY_SLOWDOWN if busy else 1)) if was_active else None
     if was_active:
-        job.poll_interval = every  # the worker makes its pictures no faster than they are shown
+        job.poll_interval = every  # the worker makes one picture per poll (Job.polled)
 
-    @st.fragment(run_every=rarely)
+    @st.fragment(run_every=head_every)
     def _poll_head() -> None:
         head(jobs.get(job_id))
 
@@ -272,6 +278,8 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     @st.fragment(run_every=every)
     def _poll() -> None:
         j = jobs.get(job_id)
+        if j is not None:
+            j.polled = time.monotonic()  # the worker times its next picture from here
         render(j)
         if busy:
             st.caption(f"Other programs are using the CPU: the picture is redrawn every "

@@ -259,6 +259,26 @@ def test_live_frames_are_made_at_a_bounded_rate_and_only_while_watched(teacher_p
         assert len(rows) == 1 and rows[0]["png"][:4] == b"\x89PNG"
 
 
+def test_a_watched_run_makes_one_picture_per_poll_just_before_it(monkeypatch):
+    """The worker times its pictures from the page's polls: none while the last one waits for
+    its poll, one when the next poll comes within two steps; without polls to go by, as often
+    as allowed."""
+    from studio import jobs, runners
+    clock = {"now": 100.0}
+    monkeypatch.setattr(runners.time, "monotonic", lambda: clock["now"])
+    job = jobs.Job("x", "refine")
+    assert runners.picture_due(job, made=0.0, step_s=0.1)  # no poll yet
+    job.poll_interval, job.polled = 0.4, 100.0  # polled just now; next poll at 100.4
+    assert not runners.picture_due(job, made=99.9, step_s=0.1)  # 0.4 s to go: too early
+    clock["now"] = 100.15
+    assert not runners.picture_due(job, made=99.9, step_s=0.1)  # 0.25 s > 2 steps + lead
+    clock["now"] = 100.2
+    assert runners.picture_due(job, made=99.9, step_s=0.1)  # 0.2 s <= 2 steps + lead
+    assert not runners.picture_due(job, made=100.2, step_s=0.1)  # made for this poll already
+    clock["now"] = 101.5  # the page stopped polling on time
+    assert runners.picture_due(job, made=100.2, step_s=0.1)
+
+
 def test_gif_of_a_run_has_one_frame_per_picture_and_the_film_spans_the_run():
     import io
 
@@ -637,6 +657,9 @@ def test_refine_polls_slower_and_says_so_while_the_cpu_is_contended(teacher_path
         return any(note in c.value for c in a.caption)
     poll(at, lambda a: noted(a) and progress_text(a).startswith("running"))
     assert at.session_state["live_busy"] is True
+    from studio import jobs
+    job = jobs.get(at.session_state["refine_job"])
+    assert job.poll_interval == 1.5 and job.polled > 0  # the worker times its pictures by these
     contended["now"] = False
     poll(at, lambda a: not noted(a))
     assert at.session_state["live_busy"] is False
