@@ -72,8 +72,8 @@ def prewarm(_data_key: tuple) -> threading.Thread:
         try:
             for name in warm.FIRST:
                 importlib.import_module(name)
-            warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S)
-            time.sleep(warm.SETTLE_S)
+            if warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S):
+                time.sleep(warm.SETTLE_S)
             for name in warm.LATER:
                 importlib.import_module(name)
             name, kwargs = _data_key

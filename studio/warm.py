@@ -41,8 +41,6 @@ PAGE_SHOWN = threading.Event()
 #: Seconds the later imports wait after :data:`PAGE_SHOWN`: the browser still fetches and draws
 #: the page's images then, and the server has to answer it.
 SETTLE_S = 3.0
-#: Set by :func:`start` (``python -m studio``): ``studio.cache.prewarm`` then has nothing to do.
-STARTED = threading.Event()
 
 
 def warm(page_wait_s: float = 0.0) -> float:
@@ -112,7 +110,6 @@ def start(after_server: bool = True) -> threading.Thread:
             server_started()
         warm(PAGE_WAIT_S)
 
-    STARTED.set()
     thread = threading.Thread(target=run, name="nrrdd-warm", daemon=True)
     thread.start()
     return thread
