@@ -17,7 +17,7 @@ from studio import keys as K
 #: second, without polls that find nothing new (each costs the browser a re-render).
 POLL_INTERVAL = 0.4
 #: Seconds between two polls of the run's figures above the picture (phase, steps per second,
-#: teacher confidence): costly for the browser to draw again, not worth three times a second.
+#: teacher confidence): costly for the browser to draw again, not worth doing at every poll.
 HEAD_INTERVAL = 1.5
 #: Seconds between two polls of the diagnostics table and the loss chart below the picture: the
 #: worker renews the diagnostics at most every 3 s, and a vega chart is the costliest element
@@ -94,7 +94,7 @@ c = st.columns([2, 1, 1])
 method = c[0].selectbox("Method", methods, key=K.METHOD, format_func=lambda m: METHOD_LABELS.get(
     m, m), disabled=running, persist_state="session")
 every = c[1].slider("Redraw every k steps", 1, 50, 1, key=K.REFINE_EVERY,
-                    help="A new picture at most every k steps and about 3 times a second; "
+                    help="A new picture at most every k steps and about 2.5 times a second; "
                          "drawing never takes more than about 5 % of the run's time.",
                     disabled=running, persist_state="session")
 c[2].slider("Image size on screen [px]", 32, 256, widgets.TILE_PX, 32, key=K.TILE_PX,
@@ -161,8 +161,8 @@ def render_head(j: jobs.Job | None) -> None:
     m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
                 else "–", help="Mean teacher probability of each image's label, at the "
                 "last picture.")
-    m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, at most about "
-                "3 per second and only while this page is open.")
+    m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, one for each "
+                "redraw of the page (about 2.5 per second), and only while this page is open.")
 
 
 def render(j: jobs.Job | None) -> None:
