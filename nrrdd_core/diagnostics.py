@@ -200,15 +200,18 @@ def diagnose(teacher: Teacher, x0_01: torch.Tensor, x01: torch.Tensor, labels: t
     if x0_01.shape != x01.shape or x01.ndim != 4 or len(labels) != len(x01):
         raise DataError(f"need x0 and x of the same shape (N,3,H,W) and N labels; got "
                         f"{tuple(x0_01.shape)}, {tuple(x01.shape)} and {tuple(labels.shape)}")
-    tb, ab = _probs(teacher, x0_01, labels)
-    ta, aa = _probs(teacher, x01, labels)
+    n = len(labels)
+    both, both_labels = torch.cat([x0_01, x01]), torch.cat([labels, labels])
+    p, a = _probs(teacher, both, both_labels)  # before and after in one forward per model
+    tb, ta, ab, aa = p[:n], p[n:], a[:n], a[n:]
     diff = (x01 - x0_01).abs()
     d = RefineDiagnostics(labels, tb, ta, ab, aa, diff.mean((1, 2, 3)), diff.flatten(1).amax(1)
                           if len(diff) else torch.zeros(0), independent_name=independent_name)
     if independent is not None:
         independent.check_compatible(teacher.data_config)
-        d.independent_prob_before, d.independent_agree_before = _probs(independent, x0_01, labels)
-        d.independent_prob_after, d.independent_agree_after = _probs(independent, x01, labels)
+        p, a = _probs(independent, both, both_labels)
+        d.independent_prob_before, d.independent_prob_after = p[:n], p[n:]
+        d.independent_agree_before, d.independent_agree_after = a[:n], a[n:]
     if mask is not None:
         d.frozen_share = (mask.detach().float().cpu() == 0).flatten(1).float().mean(1)
     return d

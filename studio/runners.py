@@ -61,13 +61,16 @@ def snapshot(d, teacher: Teacher, class_names: list[str], previous: dict | None 
         for key in ("confidence", "accuracy", "diagnostics", "scored"):
             if key in previous:
                 frame[key] = previous[key]
-    elif len(x):
-        probs = teacher.predict01(x)
-        frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
-        frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
-    if fresh:
-        frame["diagnostics"] = diagnostics.frame_diagnostics(d, class_names)
+    else:
+        diag = frame["diagnostics"] = diagnostics.frame_diagnostics(d, class_names)
         frame["scored"] = time.perf_counter()
+        if diag is not None:  # the teacher on the current images, already in the diagnostics
+            frame["confidence"] = diag["summary"]["teacher_prob_after"]
+            frame["accuracy"] = diag["summary"]["teacher_agree_after"]
+        elif len(x):
+            probs = teacher.predict01(x)
+            frame["confidence"] = float(probs.gather(1, y[:, None]).mean())
+            frame["accuracy"] = float((probs.argmax(1) == y).float().mean())
     frame["rows"] = image_rows({"images": x, "labels": y, **d.views()}, class_names)
     return frame
 

@@ -259,6 +259,28 @@ def test_live_frames_are_made_at_a_bounded_rate_and_only_while_watched(teacher_p
         assert len(rows) == 1 and rows[0]["png"][:4] == b"\x89PNG"
 
 
+def test_a_frame_takes_the_teachers_confidence_from_the_diagnostics(teacher_path):
+    """During NRR-DD's refinement a fresh frame reads the teacher's confidence and accuracy on
+    the current images from the diagnostics (no second forward), and they are the teacher's."""
+    from nrrdd_core.methods import make_distiller
+    from nrrdd_core.models import Teacher
+    from studio import runners
+    b = load_dataset("shapes", **TINY_DATA)
+    t = Teacher.load(teacher_path)
+    names = list(b.config.class_names)
+    with make_distiller("nrrdd", {"iterations": 5, "mipc": 4, "num_crops": 2}, teacher=t,
+                        dataset=b, classes=[0, 1], ipc=2, device="cpu", seed=0) as d:
+        while d.refiner is None or d.step_index < d.select_steps + 2:
+            d.step()
+        frame = runners.snapshot(d, t, names)
+        x, y = d.images()
+        probs = t.predict01(x)
+    assert frame["diagnostics"] is not None
+    assert frame["confidence"] == pytest.approx(float(probs.gather(1, y[:, None]).mean()),
+                                                abs=1e-5)
+    assert frame["accuracy"] == pytest.approx(float((probs.argmax(1) == y).float().mean()))
+
+
 def test_a_watched_run_makes_one_picture_per_poll_just_before_it(monkeypatch):
     """The worker times its pictures from the page's polls: none while the last one waits for
     its poll, one when the next poll comes within two steps; without polls to go by, as often
