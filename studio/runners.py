@@ -106,9 +106,9 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
     """Run one method step by step. With ``frames`` (the Refine page) it records every step
     (with ``phase_step``, the step within its phase, from 0) and makes a display frame
-    (:func:`snapshot`) every ``every`` steps, at most every :data:`FRAME_INTERVAL` s (or the
-    watching page's ``job.poll_interval``, if longer) and within
-    the :data:`FRAME_BUDGET` share of its time, only while a page watches (else every
+    (:func:`snapshot`) every ``every`` steps, at most every :data:`FRAME_INTERVAL` s, one per
+    poll of the watching page (:func:`picture_due`), within the :data:`FRAME_BUDGET` share of
+    its time, only while a page watches (else every
     :data:`UNWATCHED_INTERVAL` s) and only when a step was done since the last one; without
     (Compare) it only updates the job's message. Stops between steps on request and returns
     what it has: ``images``, ``labels``, ``config``, ``seconds``, ``steps``, ``manifest``
@@ -126,14 +126,14 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             job.progress(total=d.total_steps, message="starting", frame=snapshot(d, t, names))
             with job.lock:
                 job.params["phases"] = phase_plan(d)
-        last, spent, since, frame = time.perf_counter(), 0.0, 0, None
-        last_mono = time.monotonic()
+        # frame timing on the clock of Job.polled (time.monotonic), so picture_due compares them
+        last, spent, since, frame = time.monotonic(), 0.0, 0, None
         start = last
         phase, phase_start = None, 0
         while not d.done:
             if frames and since and job.pause_event.is_set():
                 job.progress(frame=snapshot(d, t, names))  # the paused state is on screen
-                last, since = time.perf_counter(), 0
+                last, since = time.monotonic(), 0
             if job.should_stop():
                 break
             rec = d.step()
@@ -146,13 +146,13 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                     "seconds": rec.seconds, **rec.losses})
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
-            now = time.perf_counter()
+            now = time.monotonic()
             watched = job.watched_recently(WATCH_TIMEOUT)
             gap = FRAME_INTERVAL if watched else UNWATCHED_INTERVAL
             due = now - last >= gap and (spent <= FRAME_BUDGET * (now - start)
                                          or now - last >= max(gap, MAX_FRAME_WAIT))
             if due and watched:
-                due = picture_due(job, last_mono, rec.seconds)
+                due = picture_due(job, last, rec.seconds)
             if frames and (d.done or (since >= every and due)):
                 cpu = time.thread_time()
                 frame = snapshot(d, t, names, previous=frame)
@@ -160,7 +160,7 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                 if frame["rows"]:
                     job.add_film(frame["rows"][0]["png"])
                 spent += time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
-                last, since, last_mono = time.perf_counter(), 0, time.monotonic()
+                last, since = time.monotonic(), 0
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0
