@@ -258,9 +258,9 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     adaptive = was_active and interval < busy_interval
     busy = adaptive and bool(st.session_state.get(K.LIVE_BUSY))
     every = (busy_interval if busy else interval) if was_active else None
-    rarely = (slow_interval * (BUSY_SLOWDOWN if busy else 1)) if was_active else None
-    head_every = ((slow_interval if head_interval is None else head_interval)
-                  * (BUSY_SLOWDOWN if busy else 1)) if was_active else None
+    slowdown = BUSY_SLOWDOWN if busy else 1
+    rarely = slow_interval * slowdown if was_active else None
+    head_every = (head_interval or slow_interval) * slowdown if was_active else None
     if was_active:
         job.poll_interval = every  # the worker makes one picture per poll (Job.polled)
 
