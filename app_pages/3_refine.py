@@ -9,13 +9,16 @@ import streamlit as st
 from nrrdd_core.errors import NrrddError
 from nrrdd_core.export import default_runs_root, load_run, save_run
 from nrrdd_core.methods import get_method, list_methods
-from studio import diagnostics, frames, jobs, reopen, runners, settings, warm, widgets
+from studio import diagnostics, feed, frames, jobs, reopen, runners, settings, warm, widgets
 from studio import keys as K
 
 #: Seconds between two polls of the live picture and the progress bar. The worker makes one
 #: picture for each poll, just before it (studio.runners.picture_due): 2.4 new pictures per
 #: second, without polls that find nothing new (each costs the browser a re-render).
 POLL_INTERVAL = 0.4
+#: Seconds between two pictures of the live feed (studio.feed: the browser fetches each new
+#: picture by itself, without a script rerun): about 2.5 new pictures per second.
+PICTURE_INTERVAL = 0.35
 #: Seconds between two polls of the run's figures above the picture (phase, steps per second,
 #: teacher confidence): costly for the browser to draw again, not worth doing at every poll.
 HEAD_INTERVAL = 1.5
@@ -182,6 +185,13 @@ def render(j: jobs.Job | None) -> None:
                  output_format="PNG")
 
 
+def render_feed(j: jobs.Job, busy: bool) -> None:
+    """A running job through the live feed: the progress bar and the live picture, refreshed by
+    the browser itself (no script reruns; half as often while the CPU is contended)."""
+    tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
+    widgets.feed_view(j, tile, every_ms=2 * feed.STATE_POLL_MS if busy else feed.STATE_POLL_MS)
+
+
 def render_slow(j: jobs.Job | None) -> None:
     """The parts a browser needs long to draw again (diagnostics table, loss chart), polled
     every :data:`SLOW_INTERVAL` s."""
@@ -229,7 +239,8 @@ def loss_data(j: jobs.Job, n: int):
 
 
 widgets.live(job.id if job else None, render, interval=POLL_INTERVAL, head=render_head,
-             head_interval=HEAD_INTERVAL, slow=render_slow, slow_interval=SLOW_INTERVAL)
+             head_interval=HEAD_INTERVAL, slow=render_slow, slow_interval=SLOW_INTERVAL,
+             feed_render=render_feed, picture_interval=PICTURE_INTERVAL)
 
 # ---- save the result ------------------------------------------------------------------------
 if job is not None and not job.active and job.result is not None:

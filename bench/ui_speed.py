@@ -96,15 +96,17 @@ STEPS = re.compile(r"(\d+)/(\d+) steps")
 
 def steps_done(page) -> int:
     """Steps done by the Refine page's job, read from its progress bar."""
-    text = page.locator('[data-testid="stProgress"]').first.inner_text()
+    text = page.locator(shots.PROGRESS).first.inner_text()
     return int(STEPS.search(text).group(1))
 
 
-#: Counts changes of the live picture (the first image after the caption ``text``) inside the
-#: page, the way a person watches: a MutationObserver, no polling from outside. The picture's
-#: element is looked up again only when React replaced it.
+#: Counts changes of the live picture (the live feed's, else the first image after the caption
+#: ``text``) inside the page, the way a person watches: a MutationObserver, no polling from
+#: outside. The picture's element is looked up again only when it was replaced.
 WATCH_JS = """(text) => {
   const find = () => {
+    const fed = document.querySelector('[data-testid="nrrdd-live-picture"]');
+    if (fed) return fed;
     const blocks = [...document.querySelectorAll('[data-testid="stElementContainer"]')];
     const i = blocks.findIndex(b => b.innerText.trim().startsWith(text));
     return i < 0 || i + 1 >= blocks.length ? null : blocks[i + 1].querySelector('img');
@@ -144,7 +146,7 @@ def watch_closed(page, window: float) -> dict:
     shots.goto_page(page, "Runs")
     page.wait_for_timeout(window * 1000)
     page.get_by_role("link", name="Refine live", exact=True).first.click()
-    page.locator('[data-testid="stProgress"]').first.wait_for()
+    page.locator(shots.PROGRESS).first.wait_for()
     n1, t1 = steps_done(page), time.perf_counter()
     shots.idle(page)
     return {"steps_per_s": (n1 - n0) / (t1 - t0), "window_s": t1 - t0}
@@ -161,7 +163,7 @@ def wait_for_refinement(page, timeout: float = 1800.0, every: float = 10.0) -> N
         shots.goto_page(page, "Runs")
         page.wait_for_timeout(every * 1000)
         page.get_by_role("link", name="Refine live", exact=True).first.click()
-        page.locator('[data-testid="stProgress"]').first.wait_for()
+        page.locator(shots.PROGRESS).first.wait_for()
         page.wait_for_timeout(1000)
 
 
@@ -202,7 +204,7 @@ def live_throughput(page, base: str, query: str, window: float, iterations: int 
     shots.idle(page)
     shots.set_number(page, "iterations", iterations or 100000)
     page.get_by_role("button", name="Start refinement").click()
-    page.locator('[data-testid="stProgress"]').first.wait_for()
+    page.locator(shots.PROGRESS).first.wait_for()
     wait_for_refinement(page)
     page.wait_for_timeout(1000)
     cases = {}

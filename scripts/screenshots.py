@@ -137,7 +137,16 @@ def metric_value(page, label: str) -> str:
     return m.locator('[data-testid="stMetricValue"]').inner_text()
 
 
+#: A job's progress bar: Streamlit's, or the live feed's while a Refine run is shown through it
+#: (studio.feed).
+PROGRESS = '[data-testid="stProgress"], [data-testid="nrrdd-live-progress"]'
+
 JS_IMAGE_AFTER_CAPTION = """(text) => {
+  const cap = document.querySelector('[data-testid="nrrdd-live-caption"]');
+  if (cap && cap.innerText.trim().startsWith(text)) {
+    const img = document.querySelector('[data-testid="nrrdd-live-picture"]');
+    return img && img.src ? img.src : null;
+  }
   const blocks = [...document.querySelectorAll('[data-testid="stElementContainer"]')];
   const i = blocks.findIndex(b => b.innerText.trim().startsWith(text));
   if (i < 0 || i + 1 >= blocks.length) return null;
@@ -147,7 +156,8 @@ JS_IMAGE_AFTER_CAPTION = """(text) => {
 
 
 def image_after(page, caption: str) -> str | None:
-    """``src`` of the first image drawn right after the caption starting with ``caption``."""
+    """``src`` of the first image drawn right after the caption starting with ``caption`` (the
+    live feed's picture when its caption starts so)."""
     return page.evaluate(JS_IMAGE_AFTER_CAPTION, caption)
 
 
@@ -178,7 +188,7 @@ def watch_live_image(page, changes: int, timeout: float = 60.0) -> list[tuple[fl
 
 def wait_done(page, timeout: float = 900.0) -> None:
     """Wait until the page's job progress bar says done (or stopped / error)."""
-    page.locator('[data-testid="stProgress"]').filter(
+    page.locator(PROGRESS).filter(
         has_text=re.compile(r"^(done|stopped|error)")).wait_for(timeout=timeout * 1000)
     idle(page)
 

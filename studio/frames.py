@@ -9,6 +9,7 @@ mask over the images, mask, change since the start), whatever the IPC.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -134,6 +135,30 @@ def image_rows(frame: dict, class_names: list[str]) -> list[dict]:
     title = rows[0][0] + "".join(f"; then {t[0].lower()}{t[1:]}" for t, _ in rows[1:])
     return [{"title": title, "png": png(picture), "tile": current[0].shape[1],
              "width": picture.shape[1], "rows": [t for t, _ in rows]}]
+
+
+def duration(seconds: float) -> str:
+    """``75.2`` -> ``"1 min 15 s"``; under a minute ``"42.0 s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s_ = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m} min {s_:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def progress_text(view: dict, unit: str = "steps", rate: float | None = None) -> str:
+    """The progress line of a job view (:meth:`studio.jobs.Job.view`): ``"running · 12/124
+    steps · 4.1 s · about 38.0 s left · refine"``: status, progress in ``unit``, working time
+    (pauses left out), with ``rate`` (``unit`` per second) the estimated time left while it
+    runs or is paused, and the job's message."""
+    eta = ""
+    if rate and math.isfinite(rate) and rate > 0 and view["status"] in ("running", "paused") \
+            and view["total"]:
+        eta = f" · about {duration(max(0, view['total'] - view['step']) / rate)} left"
+    return (f"{view['status']} · {view['step']}/{view['total']} {unit} · "
+            f"{duration(view['elapsed'])}{eta}" + (f" · {view['message']}" if view["message"] else ""))
 
 
 def gif(pictures: list[bytes], seconds: float = 0.15, scale: int = 2) -> bytes:

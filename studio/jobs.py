@@ -52,7 +52,12 @@ class Job:
             no more pictures than that.
         polled: ``time.monotonic()`` of the last poll of that page's picture (its fast
             fragment): the worker makes each picture just before the next poll
-            (:func:`studio.runners.picture_due`).
+            (:func:`studio.runners.picture_due`); 0 when the page shows the live feed instead.
+        watch_within: seconds after a page's last look at the job during which the worker
+            still counts it as watched (0: the worker's default); a page that looks rarely
+            (the live feed's figures, every few seconds) sets it longer.
+        feed: the :class:`studio.feed.Feed` a page shows this job's picture and progress from
+            (set by the page; the worker then publishes to it), or None.
     """
 
     id: str
@@ -74,6 +79,8 @@ class Job:
     watched: float = 0.0
     poll_interval: float = 0.0
     polled: float = 0.0
+    watch_within: float = 0.0
+    feed: Any = None
     film: list = field(default_factory=list)  # PNG pictures of the run for a GIF (add_film)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -91,12 +98,14 @@ class Job:
         pausing = end - self.paused_at if self.paused_at is not None else 0.0
         return max(0.0, end - self.started - self.paused_s - pausing)
 
-    def view(self, history: bool = True) -> dict:
+    def view(self, history: bool = True, watch: bool = True) -> dict:
         """A consistent copy of the fields a page draws (taken under the lock). Polling pages
         that only need the latest records pass ``history=False`` and read ``history_len`` (the
-        history is copied only when it is used). Marks the job as watched."""
+        history is copied only when it is used). Marks the job as watched unless ``watch`` is
+        False (the worker reading its own state)."""
         with self.lock:
-            self.watched = time.monotonic()
+            if watch:
+                self.watched = time.monotonic()
             return {"status": self.status, "step": self.step, "total": self.total,
                     "message": self.message, "error": self.error,
                     "history": list(self.history) if history else [],
@@ -218,6 +227,8 @@ def start(kind: str, target: Callable[[Job], Any], params: dict | None = None) -
         finished = sorted((j for j in jobs.values() if not j.active), key=lambda j: j.started)
         for old in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
             del jobs[old.id]
+            if old.feed is not None:
+                old.feed.drop(old.id)
         jobs[job.id] = job
     threading.Thread(target=_run, args=(job, target), name=f"nrrdd-{kind}-{job.id}",
                      daemon=True).start()

@@ -112,3 +112,8 @@ def applied(kind: str) -> str:
 def run_key(action: str, run_name: str) -> str:
     """Widget key of a per-run button on the Runs page (``run.delete.<name>``)."""
     return f"run.{action}.{run_name}"
+
+
+def live_feed(job_id: str) -> str:
+    """Element key of a job's live feed view (``live_feed.<job id>``)."""
+    return f"live_feed.{job_id}"

@@ -14,7 +14,7 @@ from nrrdd_core.export import build_manifest
 from nrrdd_core.methods import make_distiller
 from nrrdd_core.models.teacher import Teacher
 
-from . import diagnostics
+from . import diagnostics, feed
 from .frames import image_rows
 from .jobs import Job
 from .setup import Setup
@@ -102,6 +102,35 @@ def picture_due(job: Job, made: float, step_s: float) -> bool:
     return made <= job.polled and job.polled + every - now <= 2 * step_s + PICTURE_LEAD
 
 
+class FeedPublisher:
+    """Publishes a job's progress and latest picture to the live feed a page set on it
+    (``job.feed``, :mod:`studio.feed`); does nothing while none is set. Call it after every
+    step: it writes the state at most every :data:`studio.feed.STATE_EVERY_S` s, and a picture
+    (numbered ``job.frames``) as soon as the job has one the feed has not shown."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.shown, self.at = job, 0, 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        job = self.job
+        out = job.feed
+        if out is None:
+            return
+        now = time.monotonic()
+        frame, n = job.frame, job.frames
+        rows = frame.get("rows") if frame else None
+        new = bool(rows) and n != self.shown
+        if not (new or force or now - self.at >= feed.STATE_EVERY_S):
+            return
+        row = rows[0] if rows else {}
+        state = feed.job_state(job, picture=n if new else self.shown,
+                               title=row.get("title", ""), width=row.get("width", 0),
+                               tile=row.get("tile", 0), rate=steps_per_second(
+                                   job.history_tail(20)))
+        out.publish(job.id, state, row["png"] if new else None)
+        self.shown, self.at = (n if new else self.shown), now
+
+
 def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: DatasetBundle,
             classes: list[int], s: Setup, every: int = 1, frames: bool = True) -> dict:
     """Run one method step by step. With ``frames`` (the Refine page) it records every step
@@ -128,12 +157,15 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                 job.params["phases"] = phase_plan(d)
         # frame timing on the clock of Job.polled (time.monotonic), so picture_due compares them
         last, spent, since, frame = time.monotonic(), 0.0, 0, None
-        start = last
+        start, publish = last, FeedPublisher(job)
         phase, phase_start = None, 0
+        if frames:
+            publish(force=True)
         while not d.done:
             if frames and since and job.pause_event.is_set():
                 job.progress(frame=snapshot(d, t, names))  # the paused state is on screen
                 last, since = time.monotonic(), 0
+                publish(force=True)
             if job.should_stop():
                 break
             rec = d.step()
@@ -147,8 +179,11 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
             else:
                 job.progress(message=f"{method}: {rec.phase} {d.step_index}/{d.total_steps}")
             now = time.monotonic()
-            watched = job.watched_recently(WATCH_TIMEOUT)
-            gap = FRAME_INTERVAL if watched else UNWATCHED_INTERVAL
+            watched = job.watched_recently(max(WATCH_TIMEOUT, job.watch_within))
+            # a page that polls (Job.polled) gets one picture per poll; the live feed one per
+            # poll_interval; nobody watching, one every UNWATCHED_INTERVAL
+            gap = (FRAME_INTERVAL if job.polled else max(FRAME_INTERVAL, job.poll_interval)) \
+                if watched else UNWATCHED_INTERVAL
             due = now - last >= gap and (spent <= FRAME_BUDGET * (now - start)
                                          or now - last >= max(gap, MAX_FRAME_WAIT))
             if due and watched:
@@ -161,6 +196,8 @@ def distill(job: Job, method: str, config: dict, teacher: Teacher, bundle: Datas
                     job.add_film(frame["rows"][0]["png"])
                 spent += time.thread_time() - cpu  # own CPU: waits for the GIL or a core excluded
                 last, since = time.monotonic(), 0
+            if frames:
+                publish()
         x, y = d.images()
         extras = d.export_extras()
         seconds = time.perf_counter() - t0

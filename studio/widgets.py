@@ -15,10 +15,11 @@ from PIL import Image
 
 from nrrdd_core.errors import NrrddError
 
-from . import jobs, pressure
+from . import feed, jobs, pressure
 from . import keys as K
 from .cache import Context, context
-from .frames import heat, mosaic, mosaic_layout, png, to_hwc  # noqa: F401 - re-exported
+from .frames import (duration, heat, mosaic, mosaic_layout, png,  # noqa: F401 - re-exported
+                     progress_text, to_hwc)
 
 #: Display side of one image in grids, in pixels (small images are upscaled, nearest-neighbour).
 TILE_PX = 128
@@ -229,10 +230,56 @@ def drop_job(state_key: str) -> None:
 BUSY_SLOWDOWN = 4
 
 
+@st.cache_resource(show_spinner=False)
+def _feed_element():
+    """Once per process: the live feed's folder registered with Streamlit's component file
+    route, and the in-page element (:mod:`studio.feed`). Returns ``(url path of the folder,
+    mount function)``, or None where no Streamlit server runs this process (AppTest) or the
+    feed is turned off (``NRRDD_STUDIO_FEED=0``)."""
+    from streamlit.runtime import Runtime, RuntimeState
+
+    if not feed.enabled() or not Runtime.exists():
+        return None
+    # AppTest runs scripts under a stand-in runtime (no server, nothing is served); a real one
+    # has a state of its own
+    if not isinstance(Runtime.instance().state, RuntimeState):
+        return None
+    import streamlit.components.v1 as components_v1
+    try:
+        served = components_v1.declare_component("feed", path=str(feed.shared().root))
+        mount = st.components.v2.component("nrrdd_live_feed", js=feed.JS, isolate_styles=False)
+    except Exception as exc:  # noqa: BLE001 - the fragment view still works without it
+        import logging
+        logging.getLogger(__name__).warning("live feed unavailable: %s", exc)
+        return None
+    return f"component/{served.name}", mount
+
+
+def feed_available() -> bool:
+    """Whether pages can show a running job through the live feed (:mod:`studio.feed`)."""
+    return _feed_element() is not None
+
+
+def feed_view(job: jobs.Job, tile_px: int, every_ms: int = feed.STATE_POLL_MS) -> None:
+    """The live feed's element for ``job``: its progress line and bar, the title of its latest
+    picture and the picture, each image about ``tile_px`` wide (an integer multiple of its
+    pixels), refreshed by the browser itself every ``every_ms`` ms (no script reruns). Makes the
+    job's worker publish to the feed. Call only when :func:`feed_available`."""
+    base, mount = _feed_element()
+    out = job.feed = feed.shared()
+    if out.state(job.id) is None:  # until the worker's next step publishes
+        out.publish(job.id, feed.job_state(job, picture=0))
+    mount(data={"base": f"{base}/{job.id}", "tile_px": int(tile_px), "every": int(every_ms),
+                "color": st.get_option("theme.primaryColor") or "#2f6fdd"},
+          key=K.live_feed(job.id))
+
+
 def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
          interval: float = 0.3, slow: Callable[[jobs.Job | None], None] | None = None,
          slow_interval: float = 1.5, head: Callable[[jobs.Job | None], None] | None = None,
-         busy_interval: float = 1.5, head_interval: float | None = None) -> None:
+         busy_interval: float = 1.5, head_interval: float | None = None,
+         feed_render: Callable[[jobs.Job, bool], None] | None = None,
+         picture_interval: float | None = None) -> None:
     """Draw ``render(job)`` in a fragment that re-runs every ``interval`` s while the job is
     active, then triggers one full rerun when it ends (so the rest of the page catches up).
     ``render`` must be cheap when nothing changed: it re-sends what the worker made (encoded
@@ -248,11 +295,18 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     job's ``polled`` time: a worker that draws makes one picture per poll, just before it
     (:func:`studio.runners.picture_due`).
 
+    With ``feed_render(job, busy)`` and the live feed available (:func:`feed_available`), an
+    active job is shown without the fast fragment: ``feed_render`` draws it once (e.g.
+    :func:`feed_view`, which the browser refreshes by itself) and the worker makes a picture
+    every ``picture_interval`` (default ``interval``) s; the ``head`` fragment then also notices
+    the job's end and the machine's load.
+
     While the machine's CPU is contended (:func:`studio.pressure.busy`: other programs compete
-    with the run) the fast fragment polls only every ``busy_interval`` s and says so, and
-    ``head`` and ``slow`` :data:`BUSY_SLOWDOWN` times less often: each redraw would come out of
-    the run's share. The switch (either way) reruns the page once. The job's ``poll_interval``
-    tells its worker how often a picture can be shown."""
+    with the run) the fast fragment polls only every ``busy_interval`` s (with the feed: the
+    worker makes a picture only that often) and says so, and ``head`` and ``slow``
+    :data:`BUSY_SLOWDOWN` times less often: each redraw would come out of the run's share. The
+    switch (either way) reruns the page once. The job's ``poll_interval`` tells its worker how
+    often a picture can be shown."""
     job = jobs.get(job_id)
     was_active = job is not None and job.active
     adaptive = was_active and interval < busy_interval
@@ -261,26 +315,16 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
     slowdown = BUSY_SLOWDOWN if busy else 1
     rarely = slow_interval * slowdown if was_active else None
     head_every = (head_interval or slow_interval) * slowdown if was_active else None
+    fed = was_active and feed_render is not None and feed_available()
     if was_active:
         job.poll_interval = every  # the worker makes one picture per poll (Job.polled)
+        if fed:  # no poll to time pictures by: one every `every` s, watched while head looks
+            if not busy and picture_interval:
+                job.poll_interval = picture_interval
+            job.polled, job.watch_within = 0.0, 2 * head_every + 1.0
 
-    @st.fragment(run_every=head_every)
-    def _poll_head() -> None:
-        head(jobs.get(job_id))
-
-    @st.fragment(run_every=rarely)
-    def _poll_slow() -> None:
-        slow(jobs.get(job_id))
-
-    if head is not None:
-        _poll_head()
-
-    @st.fragment(run_every=every)
-    def _poll() -> None:
-        j = jobs.get(job_id)
-        if j is not None:
-            j.polled = time.monotonic()  # the worker times its next picture from here
-        render(j)
+    def _watch(j: jobs.Job | None) -> None:
+        """The end of the job (one full rerun) and the machine's load (the other rate)."""
         if busy:
             st.caption(f"Other programs are using the CPU: the picture is redrawn every "
                        f"{busy_interval:g} s so that the run keeps its share.")
@@ -290,35 +334,43 @@ def live(job_id: str | None, render: Callable[[jobs.Job | None], None],
             st.session_state[K.LIVE_BUSY] = not busy
             st.rerun()  # the fragments again, at the other rate
 
-    _poll()
+    @st.fragment(run_every=head_every)
+    def _poll_head() -> None:
+        j = jobs.get(job_id)
+        if head is not None:
+            head(j)
+        if fed:
+            _watch(j)
+
+    @st.fragment(run_every=rarely)
+    def _poll_slow() -> None:
+        slow(jobs.get(job_id))
+
+    if head is not None or fed:
+        _poll_head()
+
+    @st.fragment(run_every=every)
+    def _poll() -> None:
+        j = jobs.get(job_id)
+        if j is not None:
+            j.polled = time.monotonic()  # the worker times its next picture from here
+        render(j)
+        _watch(j)
+
+    if fed:
+        feed_render(job, busy)
+    else:
+        _poll()
     if slow is not None:
         _poll_slow()
-
-
-def duration(seconds: float) -> str:
-    """``75.2`` -> ``"1 min 15 s"``; under a minute ``"42.0 s"``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s_ = divmod(int(round(seconds)), 60)
-    if m < 60:
-        return f"{m} min {s_:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
 
 
 def job_status(view: dict, unit: str = "steps", rate: float | None = None) -> None:
     """Progress bar and status line of a job view (from :meth:`Job.view`): status, progress in
     ``unit``, working time (pauses left out) and, with ``rate`` (``unit`` per second), the
-    estimated time left at that rate."""
-    total = max(1, view["total"])
-    eta = ""
-    if rate and math.isfinite(rate) and rate > 0 and view["status"] in ("running", "paused") \
-            and view["total"]:
-        eta = f" · about {duration(max(0, view['total'] - view['step']) / rate)} left"
-    st.progress(min(1.0, view["step"] / total),
-                text=f"{view['status']} · {view['step']}/{view['total']} {unit} · "
-                     f"{duration(view['elapsed'])}{eta}"
-                     + (f" · {view['message']}" if view["message"] else ""))
+    estimated time left at that rate (:func:`studio.frames.progress_text`)."""
+    st.progress(min(1.0, view["step"] / max(1, view["total"])),
+                text=progress_text(view, unit, rate))
     if view["status"] == "error":
         st.error(f"The run failed: {view['error']}")
     elif view["status"] == "stopped":

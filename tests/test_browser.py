@@ -43,6 +43,7 @@ def test_walk_choose_class_move_tau_refine_live_stop(tmp_path):
     assert "classes=circle" in out["url_after_class"]  # the setup is kept in the URL
     assert out["noncritical"][0] != out["noncritical"][1]
     assert len({src for _, src in out["live"]}) >= 3  # the live image changed at least twice
+    assert all("/component/" in src for _, src in out["live"])  # fetched from the live feed
     assert (tmp_path / "shots" / "refine.png").stat().st_size > 10_000
     assert len(list((tmp_path / "runs").iterdir())) == 1
 
