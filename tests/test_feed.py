@@ -9,8 +9,13 @@ import time
 import pytest
 
 from nrrdd_core.data import load_dataset
-from test_app import (TINY_DATA, _tiny, app, poll, progress_text,  # noqa: F401 - fixtures
-                      teacher_path)
+from test_app import _tiny  # noqa: F401 - the tiny app settings, for every test here
+from test_app import TINY_DATA, app, poll, progress_text, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny.pt")
 
 
 def test_feed_writes_the_state_after_its_picture_and_keeps_the_last_three(tmp_path):
