@@ -20,12 +20,15 @@ POLL_INTERVAL = 0.4
 #: picture by itself, without a script rerun): about 2.5 new pictures per second.
 PICTURE_INTERVAL = 0.35
 #: Seconds between two polls of the run's figures above the picture (phase, steps per second,
-#: teacher confidence): costly for the browser to draw again, not worth doing at every poll.
-HEAD_INTERVAL = 1.5
+#: teacher confidence): costly for the browser to draw again (measured with the live feed on 2
+#: cores: the figures every 1.5 s cost the browser about 0.03 of a core), and the progress
+#: line above the picture already moves with every step.
+HEAD_INTERVAL = 3.0
 #: Seconds between two polls of the diagnostics table and the loss chart below the picture: the
-#: worker renews the diagnostics at most every 3 s, and a vega chart is the costliest element
-#: for the browser to draw again.
-SLOW_INTERVAL = 3.0
+#: worker renews the diagnostics at most every 6 s (studio.runners.SCORES_INTERVAL), and a vega
+#: chart is the costliest element for the browser to draw again (both every 3 s: about 0.07 of
+#: a core).
+SLOW_INTERVAL = 6.0
 METHOD_LABELS = {"nrrdd": "NRR-DD (CIDD + non-critical refinement)", "sre2l": "SRe2L (recover)",
                  "rded": "RDED (select real patches, no refinement)", "edf": "EDF (trajectory "
                  "matching + CPD + DAE)"}
@@ -181,7 +184,7 @@ def render(j: jobs.Job | None) -> None:
     tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
     for row in v["frame"].get("rows", []):
         st.caption(row["title"])
-        st.image(row["png"], width=row["width"] * max(1, round(tile / row["tile"])),
+        st.image(frames.encoded(row), width=row["width"] * max(1, round(tile / row["tile"])),
                  output_format="PNG")
 
 

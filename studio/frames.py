@@ -95,13 +95,14 @@ def mosaic_layout(labels: list[int], class_names: list[str], max_cols: int = 10)
 
 
 def image_rows(frame: dict, class_names: list[str]) -> list[dict]:
-    """A live frame as ONE picture (``[{"title", "png", "tile", "width", "rows"}]``, empty
-    before there are images): the row kinds (current images, initial images, mask over the
+    """A live frame as ONE picture (``[{"title", "pixels", "tile", "width", "rows"}]``, empty
+    before there are images; :func:`encoded` makes its PNG): the row kinds (current images, initial images, mask over the
     images, mask, change) stacked top to bottom, each a :func:`mosaic` with the same layout,
     so image ``i`` sits at the same place in every block. One file per frame keeps what the
     browser fetches, and the server serves, to one request however many images there are.
-    ``tile`` is the side of one image in the PNG and ``width`` the PNG's, so a page can show
-    it ``k`` times larger without re-encoding; ``title`` names the blocks in order.
+    ``pixels`` is the picture (uint8 ``(H,W,3)``), ``tile`` the side of one image in it and
+    ``width`` its width, so a page can show it ``k`` times larger without re-encoding;
+    ``title`` names the blocks in order.
 
     ``frame`` holds ``images`` ``(N,3,H,W)`` [0,1] and ``labels`` ``(N,)``, and optionally the
     ``Distiller.views()`` entries ``initial``, ``mask`` ``(N,1,H,W)`` and ``change`` ``(N,H,W)``.
@@ -133,8 +134,22 @@ def image_rows(frame: dict, class_names: list[str]) -> list[dict]:
     band = np.full((ROW_GAP, mosaics[0].shape[1], 3), 255, np.uint8)
     picture = np.concatenate([m for mo in mosaics for m in (mo, band)][:-1], 0)
     title = rows[0][0] + "".join(f"; then {t[0].lower()}{t[1:]}" for t, _ in rows[1:])
-    return [{"title": title, "png": png(picture), "tile": current[0].shape[1],
+    return [{"title": title, "pixels": picture, "tile": current[0].shape[1],
              "width": picture.shape[1], "rows": [t for t, _ in rows]}]
+
+
+def encoded(row: dict, fmt: str = "png") -> bytes:
+    """A picture row of :func:`image_rows` encoded as ``fmt`` (``"png"``, or ``"bmp"``: no
+    compression, 30 times faster to make, for the live feed on the same machine), made once per
+    row and format and kept in it."""
+    if fmt not in row:
+        if fmt == "png":
+            row[fmt] = png(row["pixels"])
+        else:
+            buf = io.BytesIO()
+            Image.fromarray(row["pixels"]).save(buf, format=fmt.upper())
+            row[fmt] = buf.getvalue()
+    return row[fmt]
 
 
 def duration(seconds: float) -> str:

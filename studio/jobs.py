@@ -82,6 +82,8 @@ class Job:
     watch_within: float = 0.0
     feed: Any = None
     film: list = field(default_factory=list)  # PNG pictures of the run for a GIF (add_film)
+    film_stride: int = 1                       # the film takes every film_stride-th picture
+    film_offered: int = 0
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     pause_event: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -168,13 +170,21 @@ class Job:
                 self.frame = frame
                 self.frames += 1
 
+    def film_due(self) -> bool:
+        """Whether the film takes the picture the worker just made (ask once per picture;
+        encode it only when True): every ``film_stride``-th one."""
+        self.film_offered += 1
+        return (self.film_offered - 1) % self.film_stride == 0
+
     def add_film(self, picture: bytes, keep: int = 120) -> None:
         """Keep ``picture`` (PNG bytes) for the run's animation: at most ``keep``; when full,
-        every other one is dropped, so the film always spans the whole run."""
+        every other one is dropped and the film then takes every other picture
+        (:meth:`film_due`), so it always spans the whole run evenly."""
         with self.lock:
             self.film.append(picture)
             if len(self.film) > keep:
                 self.film = self.film[::2]
+                self.film_stride *= 2
 
     def _finish(self, status: str, result: Any = None, error: str | None = None) -> None:
         with self.lock:

@@ -270,6 +270,7 @@ def feed_view(job: jobs.Job, tile_px: int, every_ms: int = feed.STATE_POLL_MS) -
     if out.state(job.id) is None:  # until the worker's next step publishes
         out.publish(job.id, feed.job_state(job, picture=0))
     mount(data={"base": f"{base}/{job.id}", "tile_px": int(tile_px), "every": int(every_ms),
+                "format": feed.PICTURE_FORMAT,
                 "color": st.get_option("theme.primaryColor") or "#2f6fdd"},
           key=K.live_feed(job.id))
 

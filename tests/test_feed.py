@@ -22,13 +22,13 @@ def test_feed_writes_the_state_after_its_picture_and_keeps_the_last_three(tmp_pa
     from studio.feed import KEEP_PICTURES, Feed
     out = Feed(tmp_path)
     for n in range(1, 6):
-        out.publish("ab12", {"picture": n, "step": 10 * n}, f"png{n}".encode())
+        out.publish("ab12", {"picture": n, "step": 10 * n}, f"pic{n}".encode())
     folder = tmp_path / "ab12"
-    assert sorted(p.name for p in folder.iterdir()) == ["3.png", "4.png", "5.png", "state.json"]
-    assert KEEP_PICTURES == 3 and (folder / "5.png").read_bytes() == b"png5"
+    assert sorted(p.name for p in folder.iterdir()) == ["3.bmp", "4.bmp", "5.bmp", "state.json"]
+    assert KEEP_PICTURES == 3 and (folder / "5.bmp").read_bytes() == b"pic5"
     assert out.state("ab12") == {"picture": 5, "step": 50}
     out.publish("ab12", {"picture": 5, "step": 51})  # progress only: the pictures stay
-    assert out.state("ab12")["step"] == 51 and (folder / "5.png").exists()
+    assert out.state("ab12")["step"] == 51 and (folder / "5.bmp").exists()
     with pytest.raises(ValueError):
         out.publish("../x", {"picture": 0})
     out.drop("ab12")
@@ -50,7 +50,7 @@ def test_a_run_shown_through_the_feed_publishes_each_picture_at_the_feeds_rate(
     them, the state naming the last one), no more often than the page's picture interval, and
     its final state says the last step."""
     from nrrdd_core.models import Teacher
-    from studio import jobs, runners
+    from studio import frames, jobs, runners
     from studio.feed import Feed
     from studio.setup import Setup
     b = load_dataset("shapes", **TINY_DATA)
@@ -74,8 +74,8 @@ def test_a_run_shown_through_the_feed_publishes_each_picture_at_the_feeds_rate(
     assert 3 <= job.frames <= 3 + elapsed / 0.6, (job.frames, elapsed)  # the feed's rate
     state = json.loads((tmp_path / "abc123" / "state.json").read_text())
     assert state["step"] == job.step and state["picture"] == job.frames
-    assert (tmp_path / "abc123" / f"{job.frames}.png").read_bytes() == \
-        job.frame["rows"][0]["png"]
+    picture = (tmp_path / "abc123" / f"{job.frames}.bmp").read_bytes()
+    assert picture[:2] == b"BM" and picture == frames.encoded(job.frame["rows"][0], "bmp")
     assert state["text"].startswith(f"{job.status} · {job.step}/{job.total} steps · ")
 
 
