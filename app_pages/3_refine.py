@@ -190,9 +190,9 @@ def render(j: jobs.Job | None) -> None:
 
 def render_feed(j: jobs.Job, busy: bool) -> None:
     """A running job through the live feed: the progress bar and the live picture, refreshed by
-    the browser itself (no script reruns; half as often while the CPU is contended)."""
+    the browser itself (no script reruns; its state every second while the CPU is contended)."""
     tile = int(st.session_state.get(K.TILE_PX, widgets.TILE_PX))
-    widgets.feed_view(j, tile, every_ms=2 * feed.STATE_POLL_MS if busy else feed.STATE_POLL_MS)
+    widgets.feed_view(j, tile, every_ms=4 * feed.STATE_POLL_MS if busy else feed.STATE_POLL_MS)
 
 
 def render_slow(j: jobs.Job | None) -> None:

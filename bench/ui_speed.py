@@ -95,8 +95,9 @@ STEPS = re.compile(r"(\d+)/(\d+) steps")
 
 
 def steps_done(page) -> int:
-    """Steps done by the Refine page's job, read from its progress bar."""
-    text = page.locator(shots.PROGRESS).first.inner_text()
+    """Steps done by the Refine page's job, read from its progress bar (waiting until it shows
+    them: the live feed's bar is empty until its first fetch)."""
+    text = page.locator(shots.PROGRESS).filter(has_text=STEPS).first.inner_text()
     return int(STEPS.search(text).group(1))
 
 

@@ -4,6 +4,9 @@
     Tiny settings for tests and quick demos: the built-in ``shapes`` dataset with 20 training and
     10 test images per class, refinement and distillation runs of a few steps, student
     evaluation of 1 epoch, teacher training of 1 epoch. Everything else works as usual.
+``NRRDD_STUDIO_FEED=0``
+    Show running Refine jobs through fragment reruns instead of the live feed
+    (:mod:`studio.feed`), e.g. to compare the two.
 ``NRRDD_RUNS``
     Folder of saved runs (default ``runs/`` in the working directory; read by
     ``nrrdd_core.export``).
