@@ -45,7 +45,9 @@ page = st.navigation([
             url_path="evaluate"),
     st.Page("app_pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
+warm.run_started()  # background imports wait while the user's script runs go on
 try:
     page.run()
 finally:
+    warm.run_ended()
     warm.PAGE_SHOWN.set()  # the later pages' imports may start now (see studio.warm)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +62,8 @@ def prewarm(_data_key: tuple) -> threading.Thread:
     """Once per process: a daemon thread that imports the modules of the first page
     (:data:`studio.warm.FIRST`), then, once the first page has been shown
     (:data:`studio.warm.PAGE_SHOWN`, at most :data:`studio.warm.PAGE_WAIT_S` later), those of
-    the other pages (:data:`studio.warm.LATER`) and reads the first session's dataset
+    the other pages (:data:`studio.warm.LATER`, each once the app is quiet:
+    :func:`studio.warm.wait_quiet`) and reads the first session's dataset
     (``load_dataset`` keeps the built-in one in memory; other entries warm the disk cache). It
     calls no ``st.*`` (it has no script context); a failure is only logged: the page that
     needs the data shows the error."""
@@ -72,9 +72,9 @@ def prewarm(_data_key: tuple) -> threading.Thread:
         try:
             for name in warm.FIRST:
                 importlib.import_module(name)
-            if warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S):
-                time.sleep(warm.SETTLE_S)
+            warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S)
             for name in warm.LATER:
+                warm.wait_quiet(timeout=warm.PAGE_WAIT_S)  # yield to the user's clicks
                 importlib.import_module(name)
             name, kwargs = _data_key
             load_dataset(name, **dict(kwargs))

@@ -38,9 +38,44 @@ PAGE_STARTED = threading.Event()
 #: every op, so importing pandas and plotly beside the first page's CAMs made those take 0.8 s
 #: instead of 0.1 s (measured at start-up, 2 cores).
 PAGE_SHOWN = threading.Event()
-#: Seconds the later imports wait after :data:`PAGE_SHOWN`: the browser still fetches and draws
-#: the page's images then, and the server has to answer it.
+#: Seconds without a script run that the later imports wait for, after :data:`PAGE_SHOWN` and
+#: again before each module (:func:`wait_quiet`): the browser still fetches and draws the page's
+#: images after a run, and a user's next action (a tau key press, 0.3 s to redraw) must not wait
+#: for pandas' import (measured: the first presses after load took 0.6-0.9 s beside them).
 SETTLE_S = 3.0
+
+_activity = {"running": 0, "last": 0.0}
+_activity_lock = threading.Lock()
+
+
+def run_started() -> None:
+    """Called by ``app.py`` when a script run starts (see :func:`wait_quiet`)."""
+    with _activity_lock:
+        _activity["running"] += 1
+        _activity["last"] = time.monotonic()
+
+
+def run_ended() -> None:
+    """Called by ``app.py`` when a script run ends, however it ends."""
+    with _activity_lock:
+        _activity["running"] = max(0, _activity["running"] - 1)
+        _activity["last"] = time.monotonic()
+
+
+def wait_quiet(quiet_s: float | None = None, timeout: float = 60.0, every: float = 0.1) -> bool:
+    """Wait until no script run of this process is going on and none started or ended for
+    ``quiet_s`` (default :data:`SETTLE_S`) seconds: background work then yields to the user's
+    clicks. Fragment reruns (live views) do not count. False after ``timeout`` s."""
+    quiet_s = SETTLE_S if quiet_s is None else quiet_s
+    end = time.monotonic() + timeout
+    while True:
+        with _activity_lock:
+            busy, since = _activity["running"] > 0, time.monotonic() - _activity["last"]
+        if not busy and since >= quiet_s:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(every if busy else min(every, quiet_s - since) + 0.001)
 
 
 def warm(page_wait_s: float = 0.0) -> float:
@@ -48,7 +83,8 @@ def warm(page_wait_s: float = 0.0) -> float:
     setup's dataset (built-in ``shapes``) and run the shipped teacher's classic CAM once on a
     batch of :data:`WARM_BATCH` training images on the default device; then wait up to
     ``page_wait_s`` seconds for the first page to be shown (:data:`PAGE_SHOWN`) and import
-    :data:`LATER`. Returns the seconds it took. Never raises: a failure is logged (the page
+    :data:`LATER`, each module once the app has been quiet for :data:`SETTLE_S` s
+    (:func:`wait_quiet`, at most ``page_wait_s`` s each). Returns the seconds it took. Never raises: a failure is logged (the page
     that needs the data reports its own errors)."""
     t0 = time.perf_counter()
     try:
@@ -67,9 +103,11 @@ def warm(page_wait_s: float = 0.0) -> float:
             idx = list(range(min(WARM_BATCH, len(bundle.train))))
             x = teacher.data_config.normalize(bundle.train.float01(idx).to(teacher.device))
             ClassicCAM(teacher).attribute(x, bundle.train.y[idx])
-        if page_wait_s and PAGE_SHOWN.wait(page_wait_s):
-            time.sleep(SETTLE_S)
+        if page_wait_s:
+            PAGE_SHOWN.wait(page_wait_s)
         for name in LATER:
+            if page_wait_s:
+                wait_quiet(timeout=page_wait_s)
             importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
         log.info("warm-up stopped: %s", exc)

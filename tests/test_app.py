@@ -630,6 +630,22 @@ def test_warm_up_leaves_the_first_page_alone(monkeypatch):
     assert calls == [1]  # a page has started: no second CAM
 
 
+def test_background_imports_yield_to_the_users_script_runs(monkeypatch):
+    """The later pages' imports wait while a script run goes on, and until none started or
+    ended for the quiet time (a tau press right after load must not wait for pandas)."""
+    from studio import warm
+    monkeypatch.setattr(warm, "_activity", {"running": 0, "last": 0.0})
+    assert warm.wait_quiet(0.3, timeout=0.0)  # nothing ran for long
+    warm.run_started()
+    t0 = time.monotonic()
+    assert not warm.wait_quiet(0.0, timeout=0.5)  # a run is going on
+    assert time.monotonic() - t0 >= 0.5
+    warm.run_ended()
+    t0 = time.monotonic()
+    assert warm.wait_quiet(0.3, timeout=5.0)
+    assert 0.3 <= time.monotonic() - t0 < 2.0  # quiet for 0.3 s after the run ended
+
+
 def test_make_run_starts_without_a_terminal(tmp_path):
     """``make run``'s command (``python -m studio``, config from .streamlit/config.toml, headless
     off) on a fresh account (no ~/.streamlit) with no stdin: it must serve, not wait for
