@@ -12,9 +12,10 @@ from nrrdd_core.methods import get_method, list_methods
 from studio import diagnostics, feed, frames, jobs, reopen, runners, settings, warm, widgets
 from studio import keys as K
 
-#: Seconds between two polls of the live picture and the progress bar. The worker makes one
-#: picture for each poll, just before it (studio.runners.picture_due): 2.4 new pictures per
-#: second, without polls that find nothing new (each costs the browser a re-render).
+#: Without the live feed (no Streamlit server, or NRRDD_STUDIO_FEED=0): seconds between two
+#: polls of the live picture and the progress bar. The worker makes one picture for each poll,
+#: just before it (studio.runners.picture_due): 2.4 new pictures per second, without polls that
+#: find nothing new (each costs the browser a re-render).
 POLL_INTERVAL = 0.4
 #: Seconds between two pictures of the live feed (studio.feed: the browser fetches each new
 #: picture by itself, without a script rerun): about 2.5 new pictures per second.

@@ -1,9 +1,10 @@
-"""Frames of a live run, made by the worker thread (no ``st.*``): images encoded once as PNG.
+"""Frames of a live run, made by the worker thread (no ``st.*``): pictures encoded once.
 
-A page that polls a job only re-sends these bytes (unchanged bytes keep their media URL, so the
-browser fetches nothing new); all pixel work happens here, in the worker, at a bounded rate
-(:mod:`studio.runners`). A frame is one PNG (the row kinds stacked: current images, initial images,
-mask over the images, mask, change since the start), whatever the IPC.
+A page only shows these pictures (through the live feed, :mod:`studio.feed`, or by re-sending
+the same PNG bytes from a polling fragment: unchanged bytes keep their media URL, so the browser
+fetches nothing new); all pixel work happens here, in the worker, at a bounded rate
+(:mod:`studio.runners`). A frame is one picture (the row kinds stacked: current images, initial
+images, mask over the images, mask, change since the start), whatever the IPC.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def mosaic_layout(labels: list[int], class_names: list[str], max_cols: int = 10)
 
 def image_rows(frame: dict, class_names: list[str]) -> list[dict]:
     """A live frame as ONE picture (``[{"title", "pixels", "tile", "width", "rows"}]``, empty
-    before there are images; :func:`encoded` makes its PNG): the row kinds (current images, initial images, mask over the
-    images, mask, change) stacked top to bottom, each a :func:`mosaic` with the same layout,
+    before there are images; :func:`encoded` makes its PNG): the row kinds (current images,
+    initial images, mask over the images, mask, change) stacked top to bottom, each a :func:`mosaic` with the same layout,
     so image ``i`` sits at the same place in every block. One file per frame keeps what the
     browser fetches, and the server serves, to one request however many images there are.
     ``pixels`` is the picture (uint8 ``(H,W,3)``), ``tile`` the side of one image in it and
