@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from .frames import progress_text
 
 #: Milliseconds between two fetches of a job's ``state.json`` by the page (a fetch that finds
 #: nothing new changes nothing on the page).
@@ -115,9 +114,7 @@ def job_state(job, picture: int, title: str = "", width: int = 0, tile: int = 0,
     ``state.json``: ``status``, ``step``, ``total``, ``fraction`` (of the bar), ``text`` (the
     progress line, :func:`studio.frames.progress_text`), ``picture`` (number of the latest
     picture, 0 = none yet), its ``title``, its ``width`` and the side of one image in it
-    (``tile``) in PNG pixels. Reading the job this way does not count as watching it."""
-    from .frames import progress_text
-
+    (``tile``) in the picture's pixels. Reading the job this way does not count as watching it."""
     v = job.view(history=False, watch=False)
     return {"status": v["status"], "step": v["step"], "total": v["total"],
             "fraction": min(1.0, v["step"] / max(1, v["total"])),
