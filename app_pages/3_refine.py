@@ -168,8 +168,8 @@ def render_head(j: jobs.Job | None) -> None:
     m[2].metric("Teacher confidence", f"{100 * f['confidence']:.1f} %" if "confidence" in f
                 else "–", help="Mean teacher probability of each image's label, at the "
                 "last picture.")
-    m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, one for each "
-                "redraw of the page (about 2.5 per second), and only while this page is open.")
+    m[3].metric("Pictures drawn", v["frames"], help="Made by the run itself, about 2.5 per "
+                "second and only while this page is open.")
 
 
 def render(j: jobs.Job | None) -> None:

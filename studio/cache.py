@@ -72,10 +72,7 @@ def prewarm(_data_key: tuple) -> threading.Thread:
         try:
             for name in warm.FIRST:
                 importlib.import_module(name)
-            warm.PAGE_SHOWN.wait(warm.PAGE_WAIT_S)
-            for name in warm.LATER:
-                warm.wait_quiet(timeout=warm.PAGE_WAIT_S)  # yield to the user's clicks
-                importlib.import_module(name)
+            warm.import_later(warm.PAGE_WAIT_S)
             name, kwargs = _data_key
             load_dataset(name, **dict(kwargs))
         except Exception as exc:  # noqa: BLE001 - the pages report their own errors

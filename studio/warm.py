@@ -103,17 +103,26 @@ def warm(page_wait_s: float = 0.0) -> float:
             idx = list(range(min(WARM_BATCH, len(bundle.train))))
             x = teacher.data_config.normalize(bundle.train.float01(idx).to(teacher.device))
             ClassicCAM(teacher).attribute(x, bundle.train.y[idx])
-        if page_wait_s:
-            PAGE_SHOWN.wait(page_wait_s)
-        for name in LATER:
-            if page_wait_s:
-                wait_quiet(timeout=page_wait_s)
-            importlib.import_module(name)
+        import_later(page_wait_s)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
         log.info("warm-up stopped: %s", exc)
     seconds = time.perf_counter() - t0
     log.info("warm-up done in %.1f s", seconds)
     return seconds
+
+
+def import_later(wait_s: float = 0.0) -> None:
+    """Import :data:`LATER`; with ``wait_s``, first wait up to that long for the first page to
+    be shown (:data:`PAGE_SHOWN`), and before each module up to that long for the app to be
+    quiet (:func:`wait_quiet`: the imports hold the GIL and yield to the user's clicks)."""
+    import importlib
+
+    if wait_s:
+        PAGE_SHOWN.wait(wait_s)
+    for name in LATER:
+        if wait_s:
+            wait_quiet(timeout=wait_s)
+        importlib.import_module(name)
 
 
 #: Seconds the warm-up's later imports wait at most for the first page (a server whose browser
