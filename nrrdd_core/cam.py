@@ -31,20 +31,17 @@ import logging
 from contextlib import contextmanager
 from typing import ClassVar, Iterator
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .display import COLORMAPS, draw_boxes, noncritical_share, overlay  # noqa: F401 - re-exported
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MASK_MODES = ("soft", "binary", "scaled")
-COLORMAPS = {"jet": cv2.COLORMAP_JET, "viridis": cv2.COLORMAP_VIRIDIS,
-             "inferno": cv2.COLORMAP_INFERNO, "turbo": cv2.COLORMAP_TURBO, "hot": cv2.COLORMAP_HOT}
-
 _EPS = 1e-7  # the grad-cam package's normalisation epsilon: (c - min) / (max - min + eps)
 
 
@@ -468,25 +465,6 @@ def noncritical_mask(cam: torch.Tensor, tau: float, mode: str = "soft") -> torch
     return m
 
 
-def noncritical_share(cam, tau: float):
-    """Share of each image's pixels that are non-critical, ``mean(1[C < tau])`` (METHODS.md §4.3:
-    the pixels NRR-DD may change, where :func:`noncritical_mask` is non-zero).
-
-    Args:
-        cam: CAMs ``(N,H,W)`` in [0,1] (tensor or array). tau: threshold in [0,1].
-
-    Returns:
-        ``(N,)`` shares in [0,1], same kind (tensor / array) as ``cam``.
-
-    Raises:
-        ConfigError: ``tau`` outside [0,1].
-    """
-    if not 0.0 <= float(tau) <= 1.0:
-        raise ConfigError(f"tau must lie in [0, 1], got {tau}")
-    below = cam < tau
-    return below.float().mean((1, 2)) if isinstance(below, torch.Tensor) else below.mean((1, 2))
-
-
 def dae_weight(cam: torch.Tensor, beta: float, threshold: float = 0.0) -> torch.Tensor:
     """EDF's discriminative area enhancement weight (METHODS.md §5.5; EDF code
     ``create_soft_mask``).
@@ -539,63 +517,3 @@ def cam_ratio(cam: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     if total <= 0:
         return torch.zeros(len(b), dtype=cam.dtype, device=cam.device)
     return (inside / total).clamp(0, 1).to(cam.dtype)
-
-
-def overlay(img01, cam, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
-    """Heat-map overlay of a CAM on its image (for display): the grad-cam package's
-    ``show_cam_on_image(img, cam, use_rgb=True, colormap, image_weight=1 - alpha)`` (same bytes),
-    written with OpenCV alone because importing that package takes seconds (matplotlib, scipy,
-    torchvision).
-
-    Args:
-        img01: image in [0,1] pixels, ``(3,H,W)`` or ``(H,W,3)`` (tensor or array).
-        cam: map ``(H,W)`` in [0,1] (tensor or array).
-        alpha: opacity of the heat map in [0,1] (``image_weight = 1 - alpha``).
-        colormap: ``"jet"``, ``"viridis"``, ``"inferno"``, ``"turbo"`` or ``"hot"``.
-
-    Returns:
-        RGB ``uint8`` array ``(H,W,3)``.
-
-    Raises:
-        ConfigError: ``alpha`` outside [0,1], unknown colormap, or image / map sizes disagree.
-    """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"overlay alpha must lie in [0, 1], got {alpha}")
-    if colormap not in COLORMAPS:
-        raise ConfigError(f"unknown colormap {colormap!r}: choose one of {', '.join(COLORMAPS)}")
-    img = torch.as_tensor(img01).detach().cpu().float()
-    if img.dim() == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.permute(1, 2, 0)
-    mask = torch.as_tensor(cam).detach().cpu().float()
-    if img.dim() != 3 or tuple(img.shape[:2]) != tuple(mask.shape):
-        raise ConfigError(f"overlay needs an image (H,W,3) and a map (H,W) of the same size, got "
-                          f"{tuple(img.shape)} and {tuple(mask.shape)}")
-    heat = cv2.applyColorMap(np.uint8(255 * mask.clamp(0, 1).numpy()), COLORMAPS[colormap])
-    heat = np.float32(cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)) / 255
-    w = 1.0 - float(alpha)  # the package's image_weight
-    out = (1 - w) * heat + w * img.clamp(0, 1).numpy()
-    return np.uint8(255 * (out / np.max(out)))
-
-
-def draw_boxes(img: np.ndarray, boxes, color: tuple[int, int, int] = (255, 230, 0),
-               width: int = 1) -> np.ndarray:
-    """A copy of an RGB ``uint8`` image ``(H,W,3)`` with the outline of each box drawn (for
-    display: CIDD's candidate boxes, METHODS.md §4.2).
-
-    Args:
-        img: RGB ``uint8`` array ``(H,W,3)``.
-        boxes: int ``(K,4)`` boxes ``(i, j, h, w)`` in pixels (top row, left column, height,
-            width), as :func:`cam_ratio` takes them.
-        color: RGB outline colour. width: outline thickness in pixels (inside the box).
-
-    Returns:
-        RGB ``uint8`` array ``(H,W,3)``; the input is not changed.
-    """
-    out = np.array(img, dtype=np.uint8, copy=True)
-    for i, j, h, w in torch.as_tensor(boxes).reshape(-1, 4).tolist():
-        t = max(1, min(int(width), h, w))
-        out[i:i + t, j:j + w] = color
-        out[i + h - t:i + h, j:j + w] = color
-        out[i:i + h, j:j + t] = color
-        out[i:i + h, j + w - t:j + w] = color
-    return out

@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def cache_dir() -> Path:
     """Root of the on-disk cache: ``$NRRDD_CACHE`` or ``~/.cache/nrrdd``. Created if missing."""
@@ -65,6 +63,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically. Save only tensors and plain Python types so the
     file loads with ``torch.load(..., weights_only=True)``."""
+    import torch  # here, not at the top: the app reads caches before torch is imported
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
@@ -75,6 +75,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     :class:`~nrrdd_core.errors.CheckpointError` naming the path. A file that holds anything but
     tensors and plain Python values (it would run code when unpickled) is refused as unsafe; the
     message never suggests loading it without ``weights_only``."""
+    import torch
+
     from .errors import CheckpointError
 
     path = Path(path)

@@ -14,7 +14,7 @@ _CORE = _BASE | {"configs", "device", "io"}
 MAY_IMPORT = {
     "errors": set(),
     "configs": _BASE, "device": _BASE, "io": _BASE,
-    "augment": _BASE, "cam": _BASE, "dsa": _BASE, "losses": _BASE,
+    "augment": _BASE, "display": _BASE, "cam": _BASE | {"display"}, "dsa": _BASE, "losses": _BASE,
     "data": _CORE,
     "models": _CORE | {"data"},
     "zca": _CORE | {"data"},
