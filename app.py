@@ -17,8 +17,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from studio import warm  # noqa: E402 - light: the background imports wait on its events
 
-warm.PAGE_STARTED.set()
-
 import streamlit as st  # noqa: E402
 
 from studio import cache, setup, widgets  # noqa: E402
@@ -30,7 +28,7 @@ st.html(widgets.PIXELATED_CSS)
 
 setup.init_session()
 setup.write_url()
-cache.prewarm(setup.current().data_key)  # background imports and data, once per process
+cache.prewarm()  # background imports, once per process (see studio.warm)
 
 page = st.navigation([
     st.Page("app_pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",
@@ -45,6 +43,7 @@ page = st.navigation([
             url_path="evaluate"),
     st.Page("app_pages/6_runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ])
+warm.page_started(page.url_path)  # the first page decides when torch is imported
 warm.run_started()  # background imports wait while the user's script runs go on
 try:
     page.run()

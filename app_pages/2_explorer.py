@@ -1,24 +1,20 @@
-"""Grad-CAM explorer: where does the teacher look, and what would NRR-DD freeze?"""
+"""Grad-CAM explorer: where does the teacher look, and what would NRR-DD freeze?
+
+The controls and the CAM grid draw from :mod:`studio.explorer` (NumPy arrays, stored on disk),
+so a stored view appears without importing torch; the complexity and CIDD tabs load the teacher.
+"""
 
 import numpy as np
 import streamlit as st
-import torch
 
-from nrrdd_core.cam import (CAM_METHODS, COLORMAPS, complexity_score, draw_boxes, get_cam,
-                            noncritical_share, overlay)
-from nrrdd_core.methods import get_method
-from nrrdd_core.methods.common import cidd_candidates
-from studio import cache, jobs, settings, widgets
+from nrrdd_core.display import COLORMAPS, draw_boxes, noncritical_share, overlay
+from nrrdd_core.errors import NrrddError
+from studio import explorer, jobs, settings, setup, widgets
 from studio import keys as K
 
-METHOD_LABELS = {"cam": "CAM (classic, NRR-DD's choice)",
-                 "gradcam_torch": "Grad-CAM (batched torch)",
-                 "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-                 "scorecam": "Score-CAM (slow: seconds per image)", "layercam": "Layer-CAM",
-                 "eigencam": "Eigen-CAM (ignores the class)"}
-FILTERS = {"all": "all images", "correct": "correctly classified", "incorrect": "misclassified"}
+METHOD_LABELS, FILTERS = explorer.METHOD_LABELS, explorer.FILTERS
+CAM_METHODS = tuple(METHOD_LABELS)
 PERSIST = {"persist_state": "session"}
-
 
 
 def colourbar(cmap: str) -> np.ndarray:
@@ -28,8 +24,8 @@ def colourbar(cmap: str) -> np.ndarray:
 
 
 st.title("Grad-CAM explorer")
-ctx = widgets.require_context()
-teacher, bundle, names = ctx.teacher, ctx.bundle, ctx.bundle.config.class_names
+caption = st.empty()  # what the page works on, once the controls are known
+s = setup.current()
 refine_job = jobs.get(st.session_state.get(K.REFINE_JOB))
 refine_running = refine_job is not None and refine_job.active
 st.write("Each image shows the teacher's CAM for its true class (left) and, for the threshold "
@@ -37,16 +33,6 @@ st.write("Each image shows the teacher's CAM for its true class (left) and, for 
          "**non-critical** rest that it refines, tinted blue (right).")
 
 # ---- controls -------------------------------------------------------------------------------
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def usable_layers(teacher_key: tuple, method: str, _teacher) -> list[str]:
-    """Layers of the teacher that ``method`` can use (``supported_layers`` of its CAM class:
-    classic CAM only the map the classifier sees, the gradient CAMs the spatial maps), the
-    top-level blocks first (the fine-grained ones when no block qualifies)."""
-    names = get_cam(method).supported_layers(_teacher)
-    top = [n for n in names if "." not in n]
-    return top or names
 
 
 URL_KEYS = (K.CAM_METHOD, K.CAM_LAYER, K.CAM_CMAP)  # in the URL: a link reopens the same view
@@ -60,10 +46,17 @@ if st.session_state.get(K.CAM_METHOD) not in CAM_METHODS:
     st.session_state[K.CAM_METHOD] = CAM_METHODS[0]
 method = c[0].selectbox("CAM method", CAM_METHODS, key=K.CAM_METHOD,
                         format_func=lambda m: METHOD_LABELS.get(m, m), **URL)
-layers = usable_layers(ctx.setup.teacher_key, method, teacher)
+try:
+    ctl = explorer.controls(s.data_key, s.teacher_key, s.classes, method)
+except (NrrddError, KeyError) as exc:
+    widgets.setup_error(exc)
+names = ctl.class_names
+caption.caption(widgets.setup_text(ctl.dataset, ctl.image_size, [names[c] for c in ctl.classes],
+                                   ctl.teacher, s.ipc, s.seed, ctl.device))
+layers = ctl.layers
 if st.session_state.get(K.CAM_LAYER) not in layers:
     old = st.session_state.get(K.CAM_LAYER)
-    st.session_state[K.CAM_LAYER] = teacher.cam_layer if teacher.cam_layer in layers \
+    st.session_state[K.CAM_LAYER] = ctl.teacher_layer if ctl.teacher_layer in layers \
         else layers[-1]
     if old:
         st.toast(f"Layer {old} does not work with {METHOD_LABELS.get(method, method)}: "
@@ -92,37 +85,35 @@ if method == "scorecam" and not st.checkbox("Compute Score-CAM anyway (slow)", k
     st.info("Score-CAM needs one forward pass per channel and image: tick the box to run it.")
     st.stop()
 
-# ---- data: a pool per class, predictions, filter, CAMs (all cached) -------------------------
-# (the filters need predictions on more images than are shown; "all" needs just the shown ones)
-s = ctx.setup
+# ---- data: the shown images, their predictions and CAMs (cached, stored on disk) -------------
 sample_n = 8 if settings.tiny() else 32  # images per class for the complexity histogram
-pool_n = per_class if which == "all" else max(sample_n, 4 * per_class)
-pool = cache.pool_indices(s.data_key, tuple(ctx.classes), pool_n)
-probs = cache.predictions(s.teacher_key, tuple(pool.tolist()), teacher, bundle)
-labels = bundle.train.y[pool].numpy()
-correct = probs.argmax(1) == labels
-keep = {"all": np.ones_like(correct), "correct": correct, "incorrect": ~correct}[which]
-shown = np.concatenate([np.flatnonzero(keep & (labels == cl))[:per_class] for cl in ctx.classes])
-if len(shown) == 0:
-    st.info(f"No {FILTERS[which]} images among the first {pool_n} of each chosen class.")
-    st.stop()
-idx = tuple(pool[shown].tolist())
+classes = tuple(ctl.classes)
+
+
+def grid_data(method: str, layer: str) -> explorer.GridData:
+    return explorer.grid_data(s.data_key, s.teacher_key, classes, method, layer, per_class, which,
+                              sample_n)
+
+
 try:
-    cams = cache.cam_maps(s.teacher_key, method, layer, idx, teacher, bundle)
+    data = grid_data(method, layer)
     st.session_state[K.CAM_LAST_GOOD] = (method, layer)
 except Exception as exc:  # noqa: BLE001 - the view stays: the last working method and layer
-    good = st.session_state.get(K.CAM_LAST_GOOD) or ("cam", teacher.cam_layer)
+    good = st.session_state.get(K.CAM_LAST_GOOD) or ("cam", ctl.teacher_layer)
     st.error(f"{METHOD_LABELS.get(method, method)} failed on layer {layer}: {exc}. Showing "
              f"{METHOD_LABELS.get(good[0], good[0])} on layer {good[1]} instead.")
     method, layer = good
-    cams = cache.cam_maps(s.teacher_key, method, layer, idx, teacher, bundle)
-x01 = bundle.train.float01(list(idx))
-images = [widgets.to_hwc(x) for x in x01]
-overlays = [overlay(x01[i], cams[i], alpha, cmap) for i in range(len(idx))]
+    data = grid_data(method, layer)
+if len(data.idx) == 0:
+    st.info(f"No {FILTERS[which]} images among the first {data.pool_n} of each chosen class.")
+    st.stop()
+idx, labels, probs, cams, images = data.idx, data.labels, data.probs, data.cams, data.images
+correct = probs.argmax(1) == labels
+overlays = [overlay(images[i] / np.float32(255), cams[i], alpha, cmap) for i in range(len(idx))]
 gap = np.full((images[0].shape[0], 1, 3), 255, np.uint8)
-top = np.argsort(-probs[shown], 1)[:, :topk]
-predicted = [" · ".join(f"{names[t]} {100 * probs[j, t]:.0f}%" for t in top[i])
-             for i, j in enumerate(shown)]
+top = np.argsort(-probs, 1)[:, :topk]
+predicted = [" · ".join(f"{names[t]} {100 * probs[i, t]:.0f}%" for t in top[i])
+             for i in range(len(idx))]
 
 
 @st.fragment
@@ -138,10 +129,10 @@ def grid() -> None:
     m = st.columns(3)
     m[0].metric("Non-critical share", f"{100 * noncrit.mean():.0f} %", help="Share of pixels "
                 "with CAM < tau over the images shown: what NRR-DD may change.")
-    m[1].metric("Teacher accuracy on these images", f"{100 * correct[shown].mean():.0f} %")
+    m[1].metric("Teacher accuracy on these images", f"{100 * correct.mean():.0f} %")
     m[2].metric("Images", f"{len(idx)}")
-    for cl in ctx.classes:  # one row per class
-        rows = [i for i, j in enumerate(shown) if labels[j] == cl]
+    for cl in classes:  # one row per class
+        rows = np.flatnonzero(labels == cl).tolist()
         cols = st.columns([1, 7], vertical_alignment="center")
         share = f"{100 * noncrit[rows].mean():.0f} % non-critical" if rows else "none shown"
         cols[0].markdown(f"**{names[cl]}**  \n{share}")
@@ -163,15 +154,21 @@ def complexity() -> None:
     """Histogram of the Comp-DD complexity of the first ``sample_n`` images of each class."""
     import pandas as pd
     import plotly.express as px
+    import torch
+
+    from nrrdd_core.cam import complexity_score
+    from studio import cache
+
+    ctx = widgets.require_context(caption=False)
 
     st.caption("Comp-DD complexity of an image: 1 − share of pixels with CAM ≥ 0.5 (METHODS.md "
                f"§7); a class's score is the mean over its images (first {sample_n} per class).")
-    sample = cache.pool_indices(s.data_key, tuple(ctx.classes), sample_n)
-    sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()), teacher,
-                                 bundle)
+    sample = cache.pool_indices(s.data_key, classes, sample_n)
+    sample_cams = cache.cam_maps(s.teacher_key, method, layer, tuple(sample.tolist()),
+                                 ctx.teacher, ctx.bundle)
     score = complexity_score(torch.from_numpy(sample_cams)).numpy()
     df = pd.DataFrame({"complexity": score,
-                       "class": [names[y] for y in bundle.train.y[sample].tolist()]})
+                       "class": [names[y] for y in ctx.bundle.train.y[sample].tolist()]})
     fig = px.histogram(df, x="complexity", color="class", barmode="overlay", nbins=20,
                        opacity=0.6, range_x=[0, 1], height=320,
                        color_discrete_sequence=px.colors.qualitative.Dark24)  # one per class
@@ -185,17 +182,25 @@ def complexity() -> None:
 @st.fragment
 def cidd() -> None:
     """CIDD candidates of one image (its own widgets re-run only this part)."""
+    import torch
+
+    from nrrdd_core.methods import get_method
+    from nrrdd_core.methods.common import cidd_candidates
+    from studio import cache
+
+    ctx = widgets.require_context(caption=False)
     cfg_fields = {f["name"]: f["default"] for f in get_method("nrrdd").Config.describe()}
     c = st.columns([2, 1, 1])
     pick = c[0].selectbox("Image", range(len(idx)), key=K.CIDD_IMAGE,
-                          format_func=lambda i: f"{names[labels[shown[i]]]} · image #{idx[i]}")
+                          format_func=lambda i: f"{names[labels[i]]} · image #{idx[i]}")
     m_crops = c[1].slider("Candidates m", 2, 12, int(cfg_fields.get("num_crops", 5)),
                           key=K.CIDD_CANDIDATES)
     top_t = c[2].slider("Kept by CAM ratio (t)", 1, m_crops, min(m_crops, int(cfg_fields.get(
         "top_t", 1))), key=K.CIDD_TOP_T)
-    label = int(labels[shown[pick]])
+    label = int(labels[pick])
+    x01 = ctx.bundle.train.float01([int(idx[pick])])[0]
     with cache.TEACHER_LOCK:
-        cand = cidd_candidates(teacher, x01[pick], torch.from_numpy(cams[pick]), label, m_crops,
+        cand = cidd_candidates(ctx.teacher, x01, torch.from_numpy(cams[pick]), label, m_crops,
                                top_t, seed=s.seed,
                                min_scale=float(cfg_fields.get("min_scale", 0.08)))
     # float32 scores of exactly 0 nats (confidence 1.0) tie: METHODS.md §3, "Ties"
@@ -210,10 +215,10 @@ def cidd() -> None:
         tied = " (tied)" if cand.confidence[r] == 1.0 and n_tied > 1 else ""
         caps.append(f"ratio {cand.ratio[r]:.2f} · conf {cand.confidence[r]:.2f}{tied}"
                     + (f" · {', '.join(tags)}" if tags else ""))
-    boxed = draw_boxes(widgets.to_hwc(x01[pick]), cand.boxes[cand.kept])
+    boxed = draw_boxes(widgets.to_hwc(x01), cand.boxes[cand.kept])
     c = st.columns([1, 5])
     with c[0]:
-        widgets.image_grid([overlay(x01[pick], cams[pick], alpha, cmap), boxed],
+        widgets.image_grid([overlay(x01, cams[pick], alpha, cmap), boxed],
                            ["CAM", "boxes kept by CAM ratio"])
     with c[1]:
         widgets.image_grid(tiles, caps)

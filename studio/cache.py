@@ -9,22 +9,25 @@ a slider only recomputes what changed: a tau, opacity or colour-map change re-us
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import streamlit as st
-import torch
 
-from nrrdd_core.data import DatasetBundle, load_dataset
-from nrrdd_core.device import resolve_device
 from nrrdd_core.errors import ConfigError
-from nrrdd_core.models.teacher import Teacher
 
-from . import warm
+from . import store, warm
 from .setup import DEFAULT_CLASS_CAP, Setup, current, teacher_ref
+
+if TYPE_CHECKING:  # torch and the loaders are imported where used: the explorer can draw a
+    # saved view (studio.explorer) before torch is imported
+    import torch
+
+    from nrrdd_core.data import DatasetBundle
+    from nrrdd_core.models.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ TEACHER_LOCK = threading.Lock()
 @st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
 def bundle(data_key: tuple) -> DatasetBundle:
     """The whole dataset ``(name, kwargs-items)`` (read-only, shared)."""
+    from nrrdd_core.data import load_dataset
+
     name, kwargs = data_key
     return load_dataset(name, **dict(kwargs))
 
@@ -47,6 +52,8 @@ def teacher(teacher_key: tuple) -> Teacher:
     Raises:
         NrrddError subclasses from the loaders (missing file, wrong kind, no network...).
     """
+    from nrrdd_core.device import resolve_device
+
     kind, path, arch, device, data_key = teacher_key
     ref = teacher_ref(kind, path, arch)
     if ref is None:
@@ -57,30 +64,11 @@ def teacher(teacher_key: tuple) -> Teacher:
     return ref.load(resolve_device(device), names)
 
 
-@st.cache_resource(show_spinner=False)
-def prewarm(_data_key: tuple) -> threading.Thread:
-    """Once per process: a daemon thread that imports the modules of the first page
-    (:data:`studio.warm.FIRST`), then, once the first page has been shown
-    (:data:`studio.warm.PAGE_SHOWN`, at most :data:`studio.warm.PAGE_WAIT_S` later), those of
-    the other pages (:data:`studio.warm.LATER`, each once the app is quiet:
-    :func:`studio.warm.wait_quiet`) and reads the first session's dataset
-    (``load_dataset`` keeps the built-in one in memory; other entries warm the disk cache). It
-    calls no ``st.*`` (it has no script context); a failure is only logged: the page that
-    needs the data shows the error."""
-
-    def work() -> None:
-        try:
-            for name in warm.FIRST:
-                importlib.import_module(name)
-            warm.import_later(warm.PAGE_WAIT_S)
-            name, kwargs = _data_key
-            load_dataset(name, **dict(kwargs))
-        except Exception as exc:  # noqa: BLE001 - the pages report their own errors
-            log.info("prewarm stopped: %s", exc)
-
-    thread = threading.Thread(target=work, name="nrrdd-prewarm", daemon=True)
-    thread.start()
-    return thread
+def prewarm() -> threading.Thread:
+    """The start-up warm-up of :mod:`studio.warm` (imports torch and the pages' modules in the
+    background; see there for when), started once per process: ``python -m studio`` starts it
+    with the server, ``streamlit run app.py`` from here, at its first script run."""
+    return warm.start(after_server=False)
 
 
 @dataclass
@@ -104,6 +92,8 @@ def context(with_teacher: bool = True) -> Context:
     Raises:
         NrrddError: unreadable dataset, unknown class, unloadable or mismatched teacher.
     """
+    from nrrdd_core.device import resolve_device
+
     s = current()
     b = bundle(s.data_key)
     classes = b.resolve_classes(list(s.classes)) if s.classes else \
@@ -119,12 +109,21 @@ def context(with_teacher: bool = True) -> Context:
 def teacher_accuracy(teacher_key: tuple, max_images: int, _teacher: Teacher,
                      _bundle: DatasetBundle) -> tuple[float, int]:
     """Top-1 accuracy in [0, 1] of the teacher on the first ``max_images`` test images (an even
-    stride through the test split), and the number of images used."""
+    stride through the test split), and the number of images used. Stored on disk
+    (:mod:`studio.store`): a server restart reads it back instead of measuring again."""
+    where = store.path("accuracy", teacher_key, (max_images,))
+    z = store.load(where)
+    if z is not None:
+        return float(z["accuracy"]), int(z["images"])
+    import torch
+
     n = len(_bundle.test)
     idx = torch.arange(0, n, max(1, n // max_images))[:max_images]
     with TEACHER_LOCK:
         probs = _teacher.predict01(_bundle.test.float01(idx))
-    return float((probs.argmax(1) == _bundle.test.y[idx]).float().mean()), len(idx)
+    acc = float((probs.argmax(1) == _bundle.test.y[idx]).float().mean())
+    store.save(where, {"accuracy": acc, "images": len(idx)})
+    return acc, len(idx)
 
 
 @st.cache_data(max_entries=8)

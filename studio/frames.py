@@ -12,9 +12,13 @@ from __future__ import annotations
 import io
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported by the callers (the explorer draws before it is)
+    import torch
 
 #: Upper end of the change heatmap, in [0,1] pixel units (mean absolute change over RGB). The
 #: same scale on every frame (brighter = changed more), values above it saturate.
@@ -27,7 +31,7 @@ REFINED_TINT = np.array([70.0, 120.0, 230.0])
 
 def to_hwc(x01) -> np.ndarray:
     """Image ``(3,H,W)`` / ``(H,W,3)`` float [0,1] or uint8 -> uint8 ``(H,W,3)``."""
-    a = x01.detach().cpu().numpy() if isinstance(x01, torch.Tensor) else np.asarray(x01)
+    a = x01.detach().cpu().numpy() if hasattr(x01, "detach") else np.asarray(x01)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
     if a.dtype != np.uint8:

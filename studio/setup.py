@@ -9,11 +9,14 @@ parameters on every run, so a copied link reopens the same setup on any page.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from nrrdd_core.errors import ConfigError
-from nrrdd_core.models.ref import TeacherRef
+
+if TYPE_CHECKING:  # imported where used (it imports torch; see studio.cache)
+    from nrrdd_core.models.ref import TeacherRef
 
 from . import keys as K
 from .settings import shapes_kwargs
@@ -84,6 +87,8 @@ def teacher_ref(kind: str, path: str, arch: str) -> TeacherRef | None:
     Raises:
         ConfigError: an unknown kind, or an architecture that does not fit it.
     """
+    from nrrdd_core.models.ref import TeacherRef
+
     if kind == "shipped":
         return TeacherRef("shipped")
     if kind == "pretrained":

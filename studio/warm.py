@@ -1,15 +1,21 @@
 """Start-up warm-up of the server process (no ``st.*``: it runs before any script).
 
 ``python -m studio`` (what ``make run`` starts) calls :func:`start` before Streamlit's server
-boots. Once the server has started, a thread imports torch and ``nrrdd_core`` while the browser
-loads the page, so the first script run finds them (nearly) imported instead of starting the
-3 s import after the browser connected; the modules of the other pages follow once the first
-page has been shown. ``streamlit run app.py`` works too, with less of a head start
-(``studio.cache.prewarm`` then imports in the background per process).
+boots; ``streamlit run app.py`` starts it from the first script run (``studio.cache.prewarm``).
+The warm-up imports torch and ``nrrdd_core`` in a background thread, then the modules of the
+other pages once the first page has been shown. When it imports torch depends on the first page:
+
+* a page that needs torch (Setup, Refine live...): at once, beside the page's own import;
+* the Grad-CAM explorer, which draws a stored view without torch (:mod:`studio.explorer`):
+  after it has been shown and the browser has fetched its images (an import holds the GIL for
+  long stretches and would slow every request of that page: measured in ``bench/ui_speed.py``);
+* no page within :data:`GRACE_S` of the server's start (nobody has the app open yet): then, so
+  the first page finds torch imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -30,9 +36,26 @@ BEFORE_A_RUN = ("torch._dynamo",)
 WARM_BATCH = 40
 
 
-#: Set by ``app.py`` when a script run of this process starts: the warm-up then skips its own
-#: CAM (the page computes the same and the two would take turns on the GIL).
+#: Set by ``app.py`` (:func:`page_started`) when a script run of this process starts.
 PAGE_STARTED = threading.Event()
+#: URL paths of the pages that can draw their first view without torch (see the module doc).
+LIGHT_PAGES = ("explorer",)
+#: Seconds the warm-up waits after the server's start for a first page before importing torch.
+GRACE_S = 2.0
+#: Quiet seconds (:func:`wait_quiet`) after a light first page before torch is imported: the
+#: browser fetches the page's images after the script run.
+AFTER_LIGHT_S = 1.0
+_first_page = {"light": False}
+
+
+def page_started(url_path: str) -> None:
+    """Called by ``app.py`` before each page runs, with the page's URL path: the first one
+    decides when the warm-up imports torch (see the module doc)."""
+    if not PAGE_STARTED.is_set():
+        _first_page["light"] = url_path in LIGHT_PAGES
+    PAGE_STARTED.set()
+
+
 #: Set by ``app.py`` when a script run of this process has ended: the imports for later pages
 #: (:data:`LATER`) wait for it. Imports hold the GIL, and a torch forward re-takes it after
 #: every op, so importing pandas and plotly beside the first page's CAMs made those take 0.8 s
@@ -78,19 +101,28 @@ def wait_quiet(quiet_s: float | None = None, timeout: float = 60.0, every: float
         time.sleep(every if busy else min(every, quiet_s - since) + 0.001)
 
 
-def warm(page_wait_s: float = 0.0) -> float:
-    """Import :data:`FIRST`; unless a page has started (:data:`PAGE_STARTED`), load the default
-    setup's dataset (built-in ``shapes``) and run the shipped teacher's classic CAM once on a
-    batch of :data:`WARM_BATCH` training images on the default device; then wait up to
-    ``page_wait_s`` seconds for the first page to be shown (:data:`PAGE_SHOWN`) and import
-    :data:`LATER`, each module once the app has been quiet for :data:`SETTLE_S` s
-    (:func:`wait_quiet`, at most ``page_wait_s`` s each). Returns the seconds it took. Never raises: a failure is logged (the page
-    that needs the data reports its own errors)."""
+def _import(name: str) -> None:
+    importlib.import_module(name)
+
+
+def warm(page_wait_s: float = 0.0, grace_s: float = 0.0) -> float:
+    """Wait up to ``grace_s`` s for a first page (:data:`PAGE_STARTED`); after a light one
+    (:data:`LIGHT_PAGES`) wait until it has been shown and the app has been quiet for
+    :data:`AFTER_LIGHT_S` s (at most ``page_wait_s`` s each). Then import :data:`FIRST`;
+    unless a page has started, load the default setup's dataset (built-in ``shapes``) and run
+    the shipped teacher's classic CAM once on a batch of :data:`WARM_BATCH` training images on
+    the default device (first-call costs paid before anyone waits); then import :data:`LATER`
+    (:func:`import_later`). Returns the seconds it took. Never raises: a failure is logged (the
+    page that needs the data reports its own errors)."""
     t0 = time.perf_counter()
     try:
-        import importlib
+        if grace_s:
+            PAGE_STARTED.wait(grace_s)
+        if PAGE_STARTED.is_set() and _first_page["light"]:
+            PAGE_SHOWN.wait(page_wait_s)
+            wait_quiet(AFTER_LIGHT_S, timeout=page_wait_s)
         for name in FIRST:
-            importlib.import_module(name)
+            _import(name)
         if not PAGE_STARTED.is_set():
             from nrrdd_core.cam import ClassicCAM
             from nrrdd_core.data import load_dataset
@@ -115,14 +147,12 @@ def import_later(wait_s: float = 0.0) -> None:
     """Import :data:`LATER`; with ``wait_s``, first wait up to that long for the first page to
     be shown (:data:`PAGE_SHOWN`), and before each module up to that long for the app to be
     quiet (:func:`wait_quiet`: the imports hold the GIL and yield to the user's clicks)."""
-    import importlib
-
     if wait_s:
         PAGE_SHOWN.wait(wait_s)
     for name in LATER:
         if wait_s:
             wait_quiet(timeout=wait_s)
-        importlib.import_module(name)
+        _import(name)
 
 
 #: Seconds the warm-up's later imports wait at most for the first page (a server whose browser
@@ -144,19 +174,26 @@ def server_started(timeout: float = SERVER_WAIT_S, every: float = 0.02) -> bool:
     return False
 
 
+_started: list[threading.Thread] = []
+_start_lock = threading.Lock()
+
+
 def start(after_server: bool = True) -> threading.Thread:
-    """Run :func:`warm` in a daemon thread and return it. With ``after_server`` the thread
-    first waits for Streamlit's server to start (:func:`server_started`): the imports hold the
-    GIL, and the server's boot and the browser's first requests then come first, while the
-    browser loads the page torch is imported (start to the explorer's grid, 2 cores: see
-    ``bench/ui_speed.py``). The later imports wait up to :data:`PAGE_WAIT_S` for the first
-    page (:data:`PAGE_SHOWN`)."""
+    """Run :func:`warm` in a daemon thread, once per process (a second call returns the first
+    thread). With ``after_server`` the thread first waits for Streamlit's server to start
+    (:func:`server_started`): the imports hold the GIL, and the server's boot comes first. It
+    then waits up to :data:`GRACE_S` for a first page (see the module doc); the later imports
+    wait up to :data:`PAGE_WAIT_S` for the first page (:data:`PAGE_SHOWN`)."""
+    with _start_lock:
+        if _started:
+            return _started[0]
 
-    def run() -> None:
-        if after_server:
-            server_started()
-        warm(PAGE_WAIT_S)
+        def run() -> None:
+            if after_server:
+                server_started()
+            warm(PAGE_WAIT_S, GRACE_S)
 
-    thread = threading.Thread(target=run, name="nrrdd-warm", daemon=True)
-    thread.start()
-    return thread
+        thread = threading.Thread(target=run, name="nrrdd-warm", daemon=True)
+        _started.append(thread)
+        thread.start()
+        return thread

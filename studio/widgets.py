@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
-import torch
 from PIL import Image
 
 from nrrdd_core.errors import NrrddError
@@ -20,6 +18,10 @@ from . import keys as K
 from .cache import Context, context
 from .frames import (duration, heat, mosaic, mosaic_layout, png,  # noqa: F401 - re-exported
                      progress_text, to_hwc)
+
+if TYPE_CHECKING:  # imported where used: the explorer draws a saved view before torch is imported
+    import plotly.graph_objects as go
+    import torch
 
 #: Display side of one image in grids, in pixels (small images are upscaled, nearest-neighbour).
 TILE_PX = 128
@@ -41,27 +43,42 @@ def app_icon():
     return img
 
 
-def require_context(with_teacher: bool = True) -> Context:
-    """The session's :class:`Context`, or an error box pointing at Setup and ``st.stop()``."""
+def require_context(with_teacher: bool = True, caption: bool = True) -> Context:
+    """The session's :class:`Context`, or an error box pointing at Setup and ``st.stop()``;
+    with ``caption``, a line saying what the page works on (:func:`setup_caption`)."""
     try:
         ctx = context(with_teacher)
     except (NrrddError, KeyError) as exc:
-        st.error(f"The setup cannot be used: {exc}")
-        st.page_link("app_pages/1_setup.py", label="Fix it on the Setup page",
-                     icon=":material/tune:")
-        st.stop()
-    setup_caption(ctx)
+        setup_error(exc)
+    if caption:
+        setup_caption(ctx)
     return ctx
 
 
+def setup_error(exc: Exception) -> None:
+    """An error box saying why the setup cannot be used, a link to Setup, and ``st.stop()``."""
+    st.error(f"The setup cannot be used: {exc}")
+    st.page_link("app_pages/1_setup.py", label="Fix it on the Setup page", icon=":material/tune:")
+    st.stop()
+
+
+def setup_text(dataset: str, image_size: int, class_names: list[str], teacher: str | None,
+               ipc: int, seed: int, device: str) -> str:
+    """One line (markdown) saying what a page works on: the dataset's name and image side in
+    px, the chosen classes' names, the teacher's architecture (None: no teacher), IPC, seed and
+    device type."""
+    shown = ", ".join(class_names[:6]) + (f" … (+{len(class_names) - 6})"
+                                          if len(class_names) > 6 else "")
+    teacher = f"teacher {teacher}" if teacher is not None else "no teacher"
+    return (f"**{dataset}** ({image_size} px) · classes: {shown} · {teacher} · IPC {ipc} · "
+            f"seed {seed} · device {device}")
+
+
 def setup_caption(ctx: Context) -> None:
-    """One line saying what the page works on."""
-    names = ctx.class_names
-    shown = ", ".join(names[:6]) + (f" … (+{len(names) - 6})" if len(names) > 6 else "")
-    teacher = f"teacher {ctx.teacher.arch}" if ctx.teacher is not None else "no teacher"
-    st.caption(f"**{ctx.bundle.config.name}** ({ctx.bundle.config.image_size} px) · classes: "
-               f"{shown} · {teacher} · IPC {ctx.setup.ipc} · seed {ctx.setup.seed} · "
-               f"device {ctx.device.type}")
+    """One line saying what the page works on (:func:`setup_text`)."""
+    st.caption(setup_text(ctx.bundle.config.name, ctx.bundle.config.image_size, ctx.class_names,
+                          ctx.teacher.arch if ctx.teacher is not None else None, ctx.setup.ipc,
+                          ctx.setup.seed, ctx.device.type))
 
 
 def _width(img: np.ndarray | bytes) -> int:
@@ -384,6 +401,8 @@ def curves(history: list[dict], x: str, ys: list[str] | None = None, title: str 
     # plotly's validators look pandas up in sys.modules: while a warm-up thread is importing it
     # they find a half-initialised module and fail. A real import waits for it to finish.
     import pandas  # noqa: F401
+    import plotly.graph_objects as go
+
     ys = ys or sorted({k for r in history for k, v in r.items()
                        if k != x and isinstance(v, (int, float)) and not isinstance(v, bool)})
     fig = go.Figure()
