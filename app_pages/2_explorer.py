@@ -9,7 +9,7 @@ import streamlit as st
 
 from nrrdd_core.display import COLORMAPS, draw_boxes, noncritical_share, overlay
 from nrrdd_core.errors import NrrddError
-from studio import explorer, jobs, settings, setup, widgets
+from studio import explorer, jobs, settings, setup, warm, widgets
 from studio import keys as K
 
 METHOD_LABELS, FILTERS = explorer.METHOD_LABELS, explorer.FILTERS
@@ -119,6 +119,7 @@ predicted = [" · ".join(f"{names[t]} {100 * probs[i, t]:.0f}%" for t in top[i])
 @st.fragment
 def grid() -> None:
     """tau slider, metrics and the grid: a tau change re-thresholds the cached maps here only."""
+    warm.touch()  # the background imports wait while the user moves tau (studio.warm)
     tau = st.slider("tau: CAM threshold of the critical region", 0.0, 1.0, 0.5, 0.05, key=K.TAU,
                     bind="query-params", help="Pixels with CAM >= tau are critical (frozen by "
                     "NRR-DD); the rest is non-critical and refined (METHODS.md §4.3, paper default "

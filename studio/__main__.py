@@ -1,9 +1,9 @@
 """``python -m studio [streamlit flags]``: start the app with a head start.
 
-The same as ``streamlit run app.py [flags]``, except that :func:`studio.warm.start` imports torch
-and ``nrrdd_core`` while the browser loads the page, ahead of the first script run (measured in
-``bench/ui_speed.py``). ``nrrdd ui [flags]`` runs this too, also from a non-editable install
-(the app's script and pages are package data).
+The same as ``streamlit run app.py [flags]``, except that :func:`studio.warm.start` starts the
+background import of torch and ``nrrdd_core`` as soon as the server is up, timed by the first
+page (see :mod:`studio.warm`; measured in ``bench/ui_speed.py``). ``nrrdd ui [flags]`` runs this
+too, also from a non-editable install (the app's script and pages are package data).
 """
 
 import os
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from studio import warm
 
     app = app_script()
-    warm.start()  # imports torch once the server is up, while the browser loads the page
+    warm.start()  # imports torch in the background once the server is up (studio.warm)
     sys.argv = ["streamlit", "run", str(app), *(sys.argv[1:] if argv is None else argv)]
     return cli.main()
 

@@ -85,10 +85,18 @@ def run_ended() -> None:
         _activity["last"] = time.monotonic()
 
 
+def touch() -> None:
+    """Called by a fragment the user drives (the explorer's tau grid): counts as activity for
+    :func:`wait_quiet` like a script run (fragment reruns do not pass through ``app.py``)."""
+    with _activity_lock:
+        _activity["last"] = time.monotonic()
+
+
 def wait_quiet(quiet_s: float | None = None, timeout: float = 60.0, every: float = 0.1) -> bool:
     """Wait until no script run of this process is going on and none started or ended for
     ``quiet_s`` (default :data:`SETTLE_S`) seconds: background work then yields to the user's
-    clicks. Fragment reruns (live views) do not count. False after ``timeout`` s."""
+    clicks. Fragment reruns count only where they call :func:`touch` (the live views do not).
+    False after ``timeout`` s."""
     quiet_s = SETTLE_S if quiet_s is None else quiet_s
     end = time.monotonic() + timeout
     while True:

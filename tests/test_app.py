@@ -644,6 +644,11 @@ def test_background_imports_yield_to_the_users_script_runs(monkeypatch):
     t0 = time.monotonic()
     assert warm.wait_quiet(0.3, timeout=5.0)
     assert 0.3 <= time.monotonic() - t0 < 2.0  # quiet for 0.3 s after the run ended
+    time.sleep(0.4)
+    warm.touch()  # a tau change in the explorer's grid fragment counts too
+    t0 = time.monotonic()
+    assert warm.wait_quiet(0.3, timeout=5.0)
+    assert 0.3 <= time.monotonic() - t0 < 2.0
 
 
 def test_make_run_starts_without_a_terminal(tmp_path):
