@@ -3,9 +3,12 @@
 Measures, at the built-in defaults (``shapes`` 32 px, shipped teacher, all 10 classes):
 
 1. seconds from starting the server as ``make run`` does (``python -m studio``) to the Grad-CAM
-   explorer showing its CAM grid, the browser already open (target <= 5 s on 2 cores); also with
-   plain ``streamlit run app.py`` (no warm-up) for comparison; the dataset's disk cache is warmed
-   first (one-time generation);
+   explorer showing its CAM grid, the browser already open (target <= 5 s on 2 cores): first
+   ``--cold-starts`` with the stored views deleted (the first start of a setup computes the
+   view with torch and stores it, ``studio.store``), then ``--starts`` as every later start
+   (the stored view is drawn before torch is imported); also with plain
+   ``streamlit run app.py`` for comparison, and to the Setup page (teacher accuracy and class
+   thumbnails shown); the dataset's disk cache is warmed first (one-time generation);
 2. seconds from a tau key press to the explorer's 40 images redrawn (target <= 0.5 s), median
    of several presses;
 3. the cost of watching a run: refinement steps per second of one NRR-DD run with Refine live
@@ -33,6 +36,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,15 +59,37 @@ CAM_GRID_READY = """() => {
 }"""
 
 
-def time_to_explorer(query: str, env: dict | None = None, plain: bool = False) -> dict:
-    """Seconds from starting the server to the explorer's CAM grid, with the browser already
-    open (its own launch is not the app's start-up); also when the server answered its health
-    check."""
+#: The Setup page is ready: its teacher's test accuracy and class thumbnails shown, script idle.
+SETUP_READY = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const imgs = [...document.images];
+  return app && app.dataset.testScriptState === 'notRunning'
+    && document.body.innerText.includes('Test accuracy')
+    && imgs.length >= 10 && imgs.every(i => i.complete);
+}"""
+
+
+def time_to_page(query: str, env: dict | None = None, plain: bool = False,
+                 page_path: str = "explorer", ready: str = CAM_GRID_READY,
+                 cold: bool = False) -> dict:
+    """Seconds from starting the server to a page being ready (default: the explorer's CAM
+    grid), with the browser already open (its own launch is not the app's start-up); also when
+    the server answered its health check. ``cold``: the stored views (``studio.store``) are
+    deleted first, as before the first start of a setup."""
+    if cold:
+        from nrrdd_core.io import cache_dir
+        shutil.rmtree(cache_dir() / "views", ignore_errors=True)
     with shots.browser() as page, shots.serve(env, plain=plain) as (base, t0):
         health = time.perf_counter() - t0
-        page.goto(f"{base}/explorer{'?' + query if query else ''}")
-        page.wait_for_function(CAM_GRID_READY, timeout=120_000)
+        page.goto(f"{base}/{page_path}{'?' + query if query else ''}")
+        page.wait_for_function(ready, timeout=120_000)
         return {"total_s": time.perf_counter() - t0, "server_ready_s": health}
+
+
+def time_to_explorer(query: str, env: dict | None = None, plain: bool = False,
+                     cold: bool = False) -> dict:
+    """:func:`time_to_page` of the explorer's CAM grid."""
+    return time_to_page(query, env, plain, cold=cold)
 
 
 REDRAWN = """(before) => {
@@ -239,7 +265,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--tiny", action="store_true", help="smoke setting for tests")
     ap.add_argument("--plain-starts", type=int, default=1,
-                    help="server starts also timed with plain `streamlit run app.py` (no warm-up)")
+                    help="server starts also timed with plain `streamlit run app.py`")
+    ap.add_argument("--cold-starts", type=int, default=1,
+                    help="server starts timed with the stored views deleted first (as the first "
+                         "start of a setup), before the others")
+    ap.add_argument("--setup-starts", type=int, default=3,
+                    help="server starts timed to the Setup page (teacher accuracy shown)")
     args = ap.parse_args(argv)
     env, iterations = None, None
     if args.tiny:
@@ -248,6 +279,7 @@ def main(argv=None) -> int:
         env = {"NRRDD_STUDIO_TINY": "1", "NRRDD_RUNS": str(tmp / "runs")}
         args.starts, args.presses, args.window, iterations = 1, 2, 2.0, 3000
         args.plain_starts, args.hogs, args.repeats = 0, 1, 1
+        args.cold_starts, args.setup_starts = 0, 0
 
     from nrrdd_core.data import load_dataset
     load_dataset("shapes")  # warm the disk cache (one-time generation, not part of the timing)
@@ -260,16 +292,24 @@ def main(argv=None) -> int:
         doc[key] = {**value, "load_avg": [round(v, 2) for v in os.getloadavg()]}
         print(json.dumps({key: doc[key]}), flush=True)
 
-    starts = [time_to_explorer(args.query, env) for _ in range(args.starts)]
-    report("start_to_explorer_s", {"runs": [s["total_s"] for s in starts],
-                                   "server_ready_s": [s["server_ready_s"] for s in starts],
-                                   "median": statistics.median(s["total_s"] for s in starts)})
+    def report_starts(key, starts):
+        report(key, {"runs": [s["total_s"] for s in starts],
+                     "server_ready_s": [s["server_ready_s"] for s in starts],
+                     "median": statistics.median(s["total_s"] for s in starts)})
+
+    # first the cold starts (no stored views: they compute and store them), then the usual ones
+    if args.cold_starts:
+        report_starts("start_to_explorer_cold_s", [time_to_explorer(args.query, env, cold=True)
+                                                   for _ in range(args.cold_starts)])
+    report_starts("start_to_explorer_s", [time_to_explorer(args.query, env)
+                                          for _ in range(args.starts)])
     if args.plain_starts:
-        plain = [time_to_explorer(args.query, env, plain=True) for _ in range(args.plain_starts)]
-        report("start_to_explorer_plain_s", {
-            "runs": [s["total_s"] for s in plain],
-            "server_ready_s": [s["server_ready_s"] for s in plain],
-            "median": statistics.median(s["total_s"] for s in plain)})
+        report_starts("start_to_explorer_plain_s", [time_to_explorer(args.query, env, plain=True)
+                                                    for _ in range(args.plain_starts)])
+    if args.setup_starts:
+        report_starts("start_to_setup_s", [time_to_page(args.query, env, page_path="setup",
+                                                        ready=SETUP_READY)
+                                           for _ in range(args.setup_starts)])
     with shots.browser() as page, shots.serve(env) as (base, _):
         page.goto(f"{base}/explorer{'?' + args.query if args.query else ''}")
         page.wait_for_function(CAM_GRID_READY, timeout=120_000)
