@@ -7,8 +7,9 @@ other pages once the first page has been shown. When it imports torch depends on
 
 * a page that needs torch (Setup, Refine live...): at once, beside the page's own import;
 * the Grad-CAM explorer, which draws a stored view without torch (:mod:`studio.explorer`):
-  after it has been shown and the browser has fetched its images (an import holds the GIL for
-  long stretches and would slow every request of that page: measured in ``bench/ui_speed.py``);
+  once it has been shown and nobody has run a script or moved tau for :data:`AFTER_LIGHT_S`
+  (an import holds the GIL for long stretches and would slow every request of that page and
+  the first tau changes: measured in ``bench/ui_speed.py``);
 * no page within :data:`GRACE_S` of the server's start (nobody has the app open yet): then, so
   the first page finds torch imported.
 """
