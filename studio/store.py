@@ -89,11 +89,17 @@ def fingerprint(teacher_key: tuple) -> str | None:
 
 def path(kind: str, teacher_key: tuple, view: tuple) -> Path | None:
     """Where the view ``kind`` with arguments ``view`` (plain values) of the setup
-    ``teacher_key`` is stored, or None when it is not stored (:func:`fingerprint`)."""
+    ``teacher_key`` is stored, or None when it is not stored (:func:`fingerprint`, or a cache
+    folder that cannot be created)."""
     fp = fingerprint(teacher_key)
     if fp is None:
         return None
-    return cache_dir() / "views" / f"{kind}-{config_key([fp, repr(view)], 24)}.npz"
+    try:
+        root = cache_dir()
+    except OSError as exc:  # an unwritable cache folder: views are computed, not stored
+        log.warning("views are not stored: %s", exc)
+        return None
+    return root / "views" / f"{kind}-{config_key([fp, repr(view)], 24)}.npz"
 
 
 def load(where: Path | None) -> dict[str, np.ndarray] | None:

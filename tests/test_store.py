@@ -100,6 +100,16 @@ def test_a_changed_input_is_another_key(tmp_path):
     assert store.path("grid", shipped, (1,)) != store.path("grid", shipped, (2,))
 
 
+def test_an_unwritable_cache_stores_nothing(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NRRDD_CACHE", str(blocker / "cache"))  # mkdir fails under a file
+    where = store.path("grid", ("shipped", "", "", "auto", ("shapes", ())), (1,))
+    assert where is None
+    store.save(where, {"a": 1})
+    assert store.load(where) is None
+
+
 def test_a_damaged_stored_view_is_recomputed():
     where = store.path("test", ("shipped", "", "", "auto", ("shapes", ())), ("damaged",))
     store.save(where, {"a": np.arange(3), "name": "x"})
