@@ -19,7 +19,7 @@ from studio import warm  # noqa: E402 - light: the background imports wait on it
 
 import streamlit as st  # noqa: E402
 
-from studio import cache, setup, widgets  # noqa: E402
+from studio import setup, widgets  # noqa: E402
 
 # a local icon: a Material icon name would make the browser fetch it from fonts.gstatic.com
 # (errors offline); an image is served by the app itself
@@ -28,7 +28,7 @@ st.html(widgets.PIXELATED_CSS)
 
 setup.init_session()
 setup.write_url()
-cache.prewarm()  # background imports, once per process (see studio.warm)
+warm.start(after_server=False)  # background imports, once per process (studio.warm)
 
 page = st.navigation([
     st.Page("app_pages/1_setup.py", title="Setup", icon=":material/tune:", url_path="setup",

@@ -19,7 +19,7 @@ import streamlit as st
 
 from nrrdd_core.errors import ConfigError
 
-from . import store, warm
+from . import store
 from .setup import DEFAULT_CLASS_CAP, Setup, current, teacher_ref
 
 if TYPE_CHECKING:  # torch and the loaders are imported where used: the explorer can draw a
@@ -62,13 +62,6 @@ def teacher(teacher_key: tuple) -> Teacher:
     # CIFAR-10 names for a 10-class dataset, so check_compatible refuses others; as the CLI)
     names = bundle(data_key).config.class_names if ref.takes_class_names else None
     return ref.load(resolve_device(device), names)
-
-
-def prewarm() -> threading.Thread:
-    """The start-up warm-up of :mod:`studio.warm` (imports torch and the pages' modules in the
-    background; see there for when), started once per process: ``python -m studio`` starts it
-    with the server, ``streamlit run app.py`` from here, at its first script run."""
-    return warm.start(after_server=False)
 
 
 @dataclass

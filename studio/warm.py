@@ -1,7 +1,7 @@
 """Start-up warm-up of the server process (no ``st.*``: it runs before any script).
 
 ``python -m studio`` (what ``make run`` starts) calls :func:`start` before Streamlit's server
-boots; ``streamlit run app.py`` starts it from the first script run (``studio.cache.prewarm``).
+boots; under ``streamlit run app.py``, ``app.py`` starts it at the first script run.
 The warm-up imports torch and ``nrrdd_core`` in a background thread, then the modules of the
 other pages once the first page has been shown. When it imports torch depends on the first page:
 
