@@ -86,12 +86,6 @@ def time_to_page(query: str, env: dict | None = None, plain: bool = False,
         return {"total_s": time.perf_counter() - t0, "server_ready_s": health}
 
 
-def time_to_explorer(query: str, env: dict | None = None, plain: bool = False,
-                     cold: bool = False) -> dict:
-    """:func:`time_to_page` of the explorer's CAM grid."""
-    return time_to_page(query, env, plain, cold=cold)
-
-
 REDRAWN = """(before) => {
   const app = document.querySelector('[data-testid="stApp"]');
   const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
@@ -299,12 +293,12 @@ def main(argv=None) -> int:
 
     # first the cold starts (no stored views: they compute and store them), then the usual ones
     if args.cold_starts:
-        report_starts("start_to_explorer_cold_s", [time_to_explorer(args.query, env, cold=True)
+        report_starts("start_to_explorer_cold_s", [time_to_page(args.query, env, cold=True)
                                                    for _ in range(args.cold_starts)])
-    report_starts("start_to_explorer_s", [time_to_explorer(args.query, env)
+    report_starts("start_to_explorer_s", [time_to_page(args.query, env)
                                           for _ in range(args.starts)])
     if args.plain_starts:
-        report_starts("start_to_explorer_plain_s", [time_to_explorer(args.query, env, plain=True)
+        report_starts("start_to_explorer_plain_s", [time_to_page(args.query, env, plain=True)
                                                     for _ in range(args.plain_starts)])
     if args.setup_starts:
         report_starts("start_to_setup_s", [time_to_page(args.query, env, page_path="setup",

@@ -9,7 +9,7 @@ server draws the explorer before torch is imported (start-up: ``bench/ui_speed.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import streamlit as st
@@ -55,6 +55,20 @@ class GridData:
     pool_n: int
 
 
+def _arrays(view: Controls | GridData) -> dict:
+    """A view's fields as arrays, for :func:`studio.store.save`."""
+    return {k: np.asarray(v) for k, v in asdict(view).items()}
+
+
+def _view(cls: type, z: dict):
+    """A :class:`Controls` or :class:`GridData` from its stored arrays (lists, str and int fields
+    as plain values again)."""
+    plain = {"str": str, "int": int}
+    return cls(**{f.name: z[f.name] if f.type == "np.ndarray" else z[f.name].tolist()
+                  if f.type.startswith("list") else plain[f.type](z[f.name])
+                  for f in fields(cls)})
+
+
 @st.cache_data(max_entries=32, show_spinner="Loading the teacher…")
 def controls(data_key: tuple, teacher_key: tuple, classes: tuple, method: str) -> Controls:
     """The classes, class names and usable layers of ``method`` (``supported_layers`` of its
@@ -69,9 +83,7 @@ def controls(data_key: tuple, teacher_key: tuple, classes: tuple, method: str) -
     path = store.path("controls", teacher_key, (classes, method))
     z = store.load(path)
     if z is not None:
-        return Controls(z["classes"].tolist(), z["class_names"].tolist(), z["layers"].tolist(),
-                        *(str(z[k]) for k in ("teacher_layer", "dataset")),
-                        int(z["image_size"]), str(z["teacher"]), str(z["device"]))
+        return _view(Controls, z)
     from nrrdd_core.cam import get_cam
 
     from . import cache
@@ -81,11 +93,7 @@ def controls(data_key: tuple, teacher_key: tuple, classes: tuple, method: str) -
                    [n for n in names if "." not in n] or names, ctx.teacher.cam_layer,
                    ctx.bundle.config.name, int(ctx.bundle.config.image_size), ctx.teacher.arch,
                    ctx.device.type)
-    store.save(path, {"classes": np.asarray(out.classes, np.int64),
-                      "class_names": np.asarray(out.class_names, str),
-                      "layers": np.asarray(out.layers, str),
-                      **{k: getattr(out, k) for k in ("teacher_layer", "dataset", "image_size",
-                                                      "teacher", "device")}})
+    store.save(path, _arrays(out))
     return out
 
 
@@ -106,8 +114,7 @@ def grid_data(data_key: tuple, teacher_key: tuple, classes: tuple, method: str, 
     path = store.path("grid", teacher_key, (classes, method, layer, per_class, which, sample_n))
     z = store.load(path)
     if z is not None:
-        return GridData(z["idx"], z["labels"], z["probs"], z["cams"], z["images"],
-                        int(z["pool_n"]))
+        return _view(GridData, z)
     ctx = cache.context()
     pool_n = per_class if which == "all" else max(sample_n, 4 * per_class)
     pool = cache.pool_indices(data_key, classes, pool_n)
@@ -126,6 +133,5 @@ def grid_data(data_key: tuple, teacher_key: tuple, classes: tuple, method: str, 
         cams, images = np.zeros((0, side, side), np.float32), np.zeros((0, side, side, 3), np.uint8)
     out = GridData(idx, labels[shown].astype(np.int64), probs[shown].astype(np.float32),
                    cams.astype(np.float32), images, pool_n)
-    store.save(path, {"idx": out.idx, "labels": out.labels, "probs": out.probs,
-                      "cams": out.cams, "images": out.images, "pool_n": pool_n})
+    store.save(path, _arrays(out))
     return out
